@@ -1,0 +1,65 @@
+"""Which examples each rank sees at each optimizer step, and how they become tensors.
+
+The order is a pure function of (seed, epoch, step), so any step's batches can be
+recomputed (resume needs that) and every engine sees the same data. An optimizer step
+takes `global_batch` examples; rank r takes its contiguous share and cuts it into
+micro-batches. The remainder of an epoch that does not fill a global batch is skipped,
+which keeps every rank doing the same number of forward passes.
+
+Packing, when it comes, replaces `pad_collate` and the example-count arithmetic here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List
+
+import torch
+
+from launcher.data.tokenize import IGNORE
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    num_examples: int
+    micro_batch_size: int
+    accumulation: int
+    world_size: int
+    seed: int
+    shuffle: bool
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch_size * self.accumulation * self.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_examples // self.global_batch
+
+    def epoch_order(self, epoch: int) -> List[int]:
+        if not self.shuffle:
+            return list(range(self.num_examples))
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.num_examples, generator=g).tolist()
+
+    def micro_batches(self, step: int, rank: int) -> List[List[int]]:
+        """Example indices of each micro-batch of 0-based optimizer `step` for `rank`."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = self.epoch_order(epoch)
+        start = within * self.global_batch + rank * self.micro_batch_size * self.accumulation
+        mine = order[start : start + self.micro_batch_size * self.accumulation]
+        m = self.micro_batch_size
+        return [mine[i : i + m] for i in range(0, len(mine), m)]
+
+
+def pad_collate(input_ids: List[List[int]], labels: List[List[int]], pad_id: int) -> Dict[str, torch.Tensor]:
+    """Right-pad to the longest row; padded labels are ignored by the loss."""
+    longest = max(len(r) for r in input_ids)
+    ids = torch.full((len(input_ids), longest), pad_id, dtype=torch.long)
+    out_labels = torch.full((len(input_ids), longest), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(input_ids), longest), dtype=torch.long)
+    for i, (row, lab) in enumerate(zip(input_ids, labels)):
+        ids[i, : len(row)] = torch.tensor(row)
+        out_labels[i, : len(lab)] = torch.tensor(lab)
+        mask[i, : len(row)] = 1
+    return {"input_ids": ids, "labels": out_labels, "attention_mask": mask}

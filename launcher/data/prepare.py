@@ -1,0 +1,159 @@
+"""Load local data files with `datasets`, tokenize them once, cache the result.
+
+The cache key is our own fingerprint (file identity, format, tokenizer, length policy),
+so every rank and every rerun computes the same cache file name: the first process to
+get there tokenizes, the others load the Arrow file. `sft run` prepares the data in the
+launcher before any worker starts, so row errors surface there and workers only read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import datasets
+from datasets import Dataset, concatenate_datasets
+
+from launcher.data.formats import to_example
+from launcher.data.tokenize import TemplateError, tokenize_completion, tokenize_conversation
+from launcher.errors import DataError
+from launcher.recipe import DataConfig
+
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+# Part of every fingerprint: bump when tokenization changes so old caches are not reused.
+TOKENIZATION_VERSION = 1
+
+
+@dataclass
+class FileStats:
+    file: str
+    rows: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped_too_long: int = 0
+    dropped_no_target: int = 0
+    target_tokens: int = 0
+
+
+@dataclass
+class Prepared:
+    train: Dataset
+    eval: Optional[Dataset]
+    stats: List[FileStats] = field(default_factory=list)
+
+
+def read_rows(path: str, cache: Path) -> Dataset:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"Data file {path} does not exist. Fix the path in `data.train_files` / `data.eval_files` (relative paths are relative to the directory you run from).")
+    builder = BUILDERS.get(p.suffix.lower())
+    if builder is None:
+        raise DataError(f"Data file {path}: unsupported extension {p.suffix!r}; use one of {', '.join(BUILDERS)}.")
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(p.resolve()), split="train", cache_dir=str(cache / "datasets"))
+    except Exception as e:  # datasets raises many types for malformed files
+        raise DataError(f"Data file {path} could not be read as {builder}: {str(e).splitlines()[0]}. Check that every line is valid {builder.upper()}.") from None
+    if len(ds) == 0:
+        raise DataError(f"Data file {path} has no rows.")
+    return ds
+
+
+def tokenizer_signature(tokenizer) -> str:
+    parts = [tokenizer.backend_tokenizer.to_str(), str(tokenizer.chat_template), str(tokenizer.eos_token_id), str(tokenizer.bos_token_id)]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def fingerprint(path: str, cfg: DataConfig, tokenizer, is_eval: bool) -> str:
+    st = os.stat(path)
+    key = [str(Path(path).resolve()), st.st_size, st.st_mtime_ns, cfg.format, cfg.max_seq_len, cfg.too_long, is_eval, tokenizer_signature(tokenizer), TOKENIZATION_VERSION]
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]
+
+
+def _tokenize_fn(cfg: DataConfig, tokenizer, file: str, too_long: str):
+    has_template = bool(tokenizer.chat_template)
+
+    def fn(row: Dict, index: int) -> Dict:
+        example = to_example(cfg.format, row, file, index, has_template)
+        if "messages" in example:
+            try:
+                enc = tokenize_conversation(tokenizer, example["messages"])
+            except TemplateError as e:
+                raise DataError(f"{file}, row {index + 1}: {e}.") from None
+        else:
+            enc = tokenize_completion(tokenizer, example["prompt"], example["completion"])
+        status = "ok"
+        if len(enc["input_ids"]) > cfg.max_seq_len:
+            if too_long == "error":
+                raise DataError(
+                    f"{file}, row {index + 1}: {len(enc['input_ids'])} tokens is longer than data.max_seq_len={cfg.max_seq_len}. "
+                    "Raise data.max_seq_len, or set data.too_long to truncate or drop."
+                )
+            status = "dropped_too_long" if too_long == "drop" else "truncated"
+            for k in ("input_ids", "labels"):
+                enc[k] = enc[k][: cfg.max_seq_len]
+            if enc["reply_end"] > cfg.max_seq_len:
+                enc["reply_start"] = enc["reply_end"] = 0  # the final reply is cut: not usable for generation
+        n_targets = sum(1 for t in enc["labels"][1:] if t != -100)
+        if status != "dropped_too_long" and n_targets == 0:
+            status = "dropped_no_target"
+        return {**enc, "status": status, "n_targets": n_targets}
+
+    return fn
+
+
+def tokenize_file(path: str, cfg: DataConfig, tokenizer, cache: Path, is_eval: bool = False) -> tuple:
+    raw = read_rows(path, cache)
+    fp = fingerprint(path, cfg, tokenizer, is_eval)
+    cache_file = cache / "tokenized" / f"{fp}.arrow"
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    # Eval data is truncated rather than dropped or rejected: it is measured, not trained on.
+    too_long = "truncate" if is_eval and cfg.too_long == "drop" else cfg.too_long
+    ds = raw.map(
+        _tokenize_fn(cfg, tokenizer, path, too_long),
+        with_indices=True,
+        remove_columns=raw.column_names,
+        cache_file_name=str(cache_file),
+        new_fingerprint=fp,
+        desc=f"tokenizing {Path(path).name}",
+    )
+    counts = Counter(ds["status"])
+    kept = ds.filter(lambda s: s in ("ok", "truncated"), input_columns="status", keep_in_memory=True)
+    stats = FileStats(
+        file=path,
+        rows=len(ds),
+        kept=len(kept),
+        truncated=counts.get("truncated", 0),
+        dropped_too_long=counts.get("dropped_too_long", 0),
+        dropped_no_target=counts.get("dropped_no_target", 0),
+        target_tokens=int(sum(kept["n_targets"])),
+    )
+    return kept, stats
+
+
+def prepare(cfg: DataConfig, tokenizer, cache: Path, seed: int) -> Prepared:
+    parts, stats = [], []
+    for path in cfg.train_files:
+        ds, st = tokenize_file(path, cfg, tokenizer, cache)
+        parts.append(ds)
+        stats.append(st)
+    train = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    eval_ds = None
+    if cfg.eval_files:
+        eval_parts = []
+        for path in cfg.eval_files:
+            ds, st = tokenize_file(path, cfg, tokenizer, cache, is_eval=True)
+            eval_parts.append(ds)
+            stats.append(st)
+        eval_ds = concatenate_datasets(eval_parts) if len(eval_parts) > 1 else eval_parts[0]
+    elif cfg.eval_fraction > 0 and len(train) > 1:
+        split = train.train_test_split(test_size=cfg.eval_fraction, seed=seed, shuffle=True, keep_in_memory=True)
+        train, eval_ds = split["train"], split["test"]
+    if len(train) == 0:
+        detail = "; ".join(f"{s.file}: {s.rows} rows, {s.dropped_too_long} too long, {s.dropped_no_target} with no target tokens" for s in stats)
+        raise DataError(f"No training examples are left after filtering ({detail}). Raise data.max_seq_len or use data.too_long=truncate.")
+    return Prepared(train=train, eval=eval_ds if eval_ds is not None and len(eval_ds) else None, stats=stats)

@@ -1,0 +1,85 @@
+"""Token ids and labels for one example, with loss only where the model should learn.
+
+Conversations: the assistant spans are found by rendering the chat template on growing
+prefixes of the conversation (works for any template, with or without generation
+markers), then mapped onto tokens with the tokenizer's character offsets. Each span
+ends with the template's end-of-turn token, which is trained: a model that never sees
+a loss on it never learns to stop.
+
+Prompt/completion: the completion and an appended EOS are trained, the prompt is not.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+IGNORE = -100
+
+
+class TemplateError(ValueError):
+    """The chat template cannot be split into turns the way training needs."""
+
+
+def render(tokenizer, messages: List[dict], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def assistant_spans(tokenizer, messages: List[dict]) -> Tuple[str, List[Tuple[int, int]]]:
+    """The rendered conversation and the [start, end) characters of each assistant reply."""
+    full = render(tokenizer, messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render(tokenizer, messages[:i], add_generation_prompt=True)
+        through = render(tokenizer, messages[: i + 1])
+        if not (through.startswith(before) and full.startswith(through)):
+            raise TemplateError(
+                "the chat template renders a conversation differently from its prefixes (it rewrites earlier turns), "
+                "so assistant turns cannot be located; use a template that renders turns append-only"
+            )
+        # Trailing whitespace after the end-of-turn token is formatting, not something to predict.
+        end = len(through.rstrip())
+        spans.append((len(before), end))
+    return full, spans
+
+
+def tokenize_conversation(tokenizer, messages: List[dict]) -> Dict[str, List[int]]:
+    text, spans = assistant_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = [IGNORE] * len(ids)
+    # The final reply's tokens, for exact-match evaluation by generation.
+    last = (0, 0)
+    for s, e in spans:
+        first = None
+        for t, (a, b) in enumerate(offsets):
+            if b > s and a < e:  # any overlap: a token straddling the span start is trained, as in TRL
+                labels[t] = ids[t]
+                first = t if first is None else first
+                last = (first, t + 1)
+    return {"input_ids": ids, "labels": labels, "reply_start": last[0], "reply_end": last[1]}
+
+
+def tokenize_completion(tokenizer, prompt: str, completion: str) -> Dict[str, List[int]]:
+    # Tokenised apart and concatenated, so the prompt/completion boundary is a token boundary.
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else []
+    if not prompt_ids and tokenizer.bos_token_id is not None:
+        prompt_ids = [tokenizer.bos_token_id]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = prompt_ids + completion_ids
+    labels = [IGNORE] * len(prompt_ids) + completion_ids
+    return {"input_ids": ids, "labels": labels, "reply_start": len(prompt_ids), "reply_end": len(ids)}
+
+
+def end_of_turn_check(tokenizer, sample_messages: List[dict]) -> str:
+    """The token that closes assistant turns; raises TemplateError when it is not a special token."""
+    enc = tokenize_conversation(tokenizer, sample_messages)
+    closing = enc["input_ids"][enc["reply_end"] - 1]
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    if closing not in special:
+        raise TemplateError(
+            f"the chat template closes assistant turns with {tokenizer.decode([closing])!r}, not a special "
+            "end-of-turn token, so a fine-tuned model would not learn when to stop"
+        )
+    return tokenizer.convert_ids_to_tokens(closing)

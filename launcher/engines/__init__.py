@@ -1,0 +1,48 @@
+"""Engines wrap the model and optimizer for one parallelism strategy.
+
+The loop in train.py talks only to this interface, so ddp, fsdp and deepspeed behave
+the same to it. `backward` receives a loss already normalised for the whole optimizer
+step (see train.py); engines must not rescale it further except to undo their own
+gradient averaging across ranks, which `grad_scale` reports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Protocol
+
+import torch
+
+
+class Engine(Protocol):
+    model: torch.nn.Module  # what the loop calls forward on
+    optimizer: torch.optim.Optimizer
+    # Multiplier for the loss so that the engine's cross-rank gradient average becomes a sum.
+    grad_scale: float
+
+    def accumulating(self, is_last_micro_batch: bool) -> contextlib.AbstractContextManager: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def clip_and_step(self, max_norm: float) -> float: ...
+
+    def unwrapped(self) -> torch.nn.Module: ...
+
+    def full_state_dict(self) -> dict: ...
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
+    """AdamW groups: no weight decay on biases and norm weights (1-D tensors), as is standard."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build(backend: str, model, train_cfg, dist):
+    if backend == "ddp":
+        from launcher.engines.ddp import DDPEngine
+
+        return DDPEngine.create(model, train_cfg, dist)
+    raise ValueError(f"strategy.backend {backend!r} is not available")

@@ -1,0 +1,97 @@
+"""Start the workers on this machine with torch's elastic agent (what torchrun uses).
+
+One process per rank, `python -m launcher.worker RECIPE [overrides]`, c10d rendezvous,
+restarts by the agent. Each rank's stdout and stderr go to output_dir/logs/; rank 0's
+are also shown on the console. A single process without restarts runs in-process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import uuid
+from pathlib import Path
+
+from torch.distributed.elastic.multiprocessing import LogsDest, LogsSpecs, Std
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+from launcher.worker import LAUNCHED_ENV
+
+
+class RankLogs(LogsSpecs):
+    """logs/rank-R.log (stderr: logging, progress, tracebacks) and logs/rank-R.stdout, per global rank."""
+
+    def __init__(self, log_dir: Path):
+        super().__init__(log_dir=str(log_dir), redirects=Std.ALL, tee=Std.NONE)
+        self.log_dir = Path(log_dir)
+
+    @property
+    def root_log_dir(self) -> str:
+        return str(self.log_dir)
+
+    def reify(self, envs: dict) -> LogsDest:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        dest = LogsDest()
+        for local_rank, env in envs.items():
+            restart = int(env.get("TORCHELASTIC_RESTART_COUNT", "0"))
+            stem = self.log_dir / (f"rank-{env['RANK']}" + (f".restart-{restart}" if restart else ""))
+            dest.stdouts[local_rank] = f"{stem}.stdout"
+            dest.stderrs[local_rank] = f"{stem}.log"
+            dest.error_files[local_rank] = f"{stem}.error.json"
+            env["TORCHELASTIC_ERROR_FILE"] = dest.error_files[local_rank]
+            if env["RANK"] == "0":
+                dest.tee_stdouts[local_rank] = dest.stdouts[local_rank]
+                dest.tee_stderrs[local_rank] = dest.stderrs[local_rank]
+        return dest
+
+
+def _tail(path: str, lines: int = 15) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def launch(recipe_path: str, overrides: list, recipe) -> int:
+    """Run the workers to completion; the exit code of the run (0 ok, 2 user error, 1 failure)."""
+    worker_args = [recipe_path, *overrides]
+    os.environ[LAUNCHED_ENV] = "1"
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    os.environ.update({k: str(v) for k, v in recipe.launch.env.items()})
+    nproc = recipe.launch.nproc_per_node
+    if nproc == 1 and recipe.launch.max_restarts == 0:
+        from launcher.worker import main as worker_main
+
+        return worker_main(worker_args)
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    log_dir = Path(recipe.output_dir) / "logs"
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",  # as torchrun --standalone: a free port on this host
+        max_restarts=recipe.launch.max_restarts,
+        logs_specs=RankLogs(log_dir),
+        log_line_prefix_template="",
+        start_method="spawn",
+    )
+    try:
+        elastic_launch(config, entrypoint=sys.executable)("-m", "launcher.worker", *worker_args)
+    except ChildFailedError as e:
+        user_error = all(f.exitcode == 2 for f in e.failures.values())
+        rank, failure = min(e.failures.items())
+        if user_error:
+            return 2  # the worker already printed the error on the console (rank 0 is teed)
+        print(
+            f"error: rank {rank} exited with code {failure.exitcode}"
+            f"{' (signal ' + failure.signal_name() + ')' if failure.exitcode < 0 else ''}. "
+            f"Last lines of {failure.stderr}:\n{_tail(failure.stderr)}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0

@@ -1,0 +1,135 @@
+"""Every check that can fail before a worker starts, and the numbers of the run.
+
+`sft plan` prints this; `sft run` and `sft submit` run the same checks first. The data
+is tokenized here (into the cache the workers read), so every row is checked and the
+step counts are exact, not estimates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List
+
+import torch
+
+from launcher.cache import cache_root
+from launcher.data.formats import FIELDS
+from launcher.data.prepare import FileStats, prepare
+from launcher.data.tokenize import TemplateError, end_of_turn_check
+from launcher.errors import UserError
+from launcher.model import load_tokenizer, model_dir
+from launcher.recipe import Recipe
+from launcher.train import Schedule, make_schedule
+
+
+@dataclass
+class Plan:
+    model_path: Path
+    architecture: str
+    params: int
+    dtype: str
+    end_of_turn: str
+    world_size: int
+    schedule: Schedule
+    train_examples: int
+    eval_examples: int
+    mean_tokens: float
+    files: List[FileStats]
+
+
+def _model_config(path: Path, recipe: Recipe):
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code)
+    except Exception as e:
+        raise UserError(f"model.path: cannot read the config in {path}: {str(e).splitlines()[0]}. If the model needs custom code, set model.trust_remote_code: true.") from None
+    remote = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not remote:
+        raise UserError(f"model.path: {path} is a `{config.model_type}` model, which transformers cannot load as a causal LM (AutoModelForCausalLM).")
+    return config
+
+
+def _count_params(config) -> int:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):  # shapes only: no memory, no weights read
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=getattr(config, "trust_remote_code", False))
+    return sum(p.numel() for p in model.parameters())
+
+
+def make_plan(recipe: Recipe) -> Plan:
+    cache = cache_root(recipe.data.cache_dir)
+    path = model_dir(recipe.model, cache)
+    config = _model_config(path, recipe)
+    tokenizer = load_tokenizer(path, recipe.model)
+    end_of_turn = tokenizer.eos_token or "?"
+    if recipe.data.format == "messages" and not tokenizer.chat_template:
+        raise UserError(
+            f"data.format: messages needs a chat template, and the tokenizer in {path} has none. Use an instruct/chat "
+            "model, add a chat_template to its tokenizer_config.json, or use data.format: completion."
+        )
+    if tokenizer.chat_template and recipe.data.format in ("messages", "alpaca"):
+        try:
+            end_of_turn = end_of_turn_check(tokenizer, [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}])
+        except TemplateError as e:
+            raise UserError(f"model.path: {e}.") from None
+    prepared = prepare(recipe.data, tokenizer, cache, recipe.seed)
+    t = recipe.train
+    if (t.eval_every or t.eval_generate or t.eval_at_start) and prepared.eval is None:
+        raise UserError("train.eval_every / eval_generate / eval_at_start need eval data: set data.eval_files or data.eval_fraction.")
+    world = recipe.launch.nproc_per_node
+    try:
+        schedule = make_schedule(t, recipe.seed, recipe.data.shuffle, len(prepared.train), world)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    lengths = prepared.train.select(range(min(len(prepared.train), 2000)))["input_ids"]
+    return Plan(
+        model_path=path,
+        architecture=(config.architectures or [config.model_type])[0],
+        params=_count_params(config),
+        dtype=recipe.model.dtype,
+        end_of_turn=end_of_turn,
+        world_size=world,
+        schedule=schedule,
+        train_examples=len(prepared.train),
+        eval_examples=len(prepared.eval) if prepared.eval is not None else 0,
+        mean_tokens=sum(len(x) for x in lengths) / len(lengths),
+        files=prepared.stats,
+    )
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def format_plan(plan: Plan, recipe: Recipe) -> str:
+    s, b = plan.schedule, plan.schedule.batches
+    bytes_per = 2 if plan.dtype in ("bfloat16", "float16") else 4
+    # weights + gradients + two AdamW moments, all in the parameter dtype (DDP: per rank, unsharded)
+    state = plan.params * bytes_per * 4
+    lines = [
+        f"model        {recipe.model.path} ({plan.architecture}, {plan.params / 1e6:.2f}M parameters, dtype {plan.dtype})",
+        f"             end-of-turn token {plan.end_of_turn!r} is trained so the model learns to stop",
+        f"strategy     {recipe.strategy.backend}, world size {plan.world_size} ({recipe.launch.nproc_per_node} per node)",
+        f"batch        micro {b.micro_batch_size} x accumulation {b.accumulation} x {b.world_size} ranks = global {b.global_batch} sequences"
+        f" (~{b.global_batch * plan.mean_tokens:,.0f} tokens, mean {plan.mean_tokens:.0f} per sequence)",
+        f"steps        {b.steps_per_epoch} per epoch, {s.total_steps} total, {s.warmup_steps} warmup ({recipe.train.lr_scheduler}, lr {recipe.train.lr:g})",
+        f"data         {plan.train_examples} train / {plan.eval_examples} eval examples, format {recipe.data.format}, max_seq_len {recipe.data.max_seq_len}",
+    ]
+    for f in plan.files:
+        lines.append(
+            f"             {f.file}: {f.rows} rows, {f.kept} kept, {f.truncated} truncated, "
+            f"{f.dropped_too_long} dropped as too long, {f.dropped_no_target} with no target tokens"
+        )
+    skipped = plan.train_examples - b.steps_per_epoch * b.global_batch
+    if skipped:
+        lines.append(f"             {skipped} examples per epoch do not fill a global batch and are skipped (a different set each epoch when shuffled)")
+    lines.append(f"memory       ~{_gib(state)} per rank for weights, gradients and AdamW state (activations not included)")
+    lines.append(f"output_dir   {recipe.output_dir}")
+    return "\n".join(lines)
+
+
+__all__ = ["Plan", "make_plan", "format_plan", "FIELDS"]

@@ -1,0 +1,64 @@
+"""The run directory: what is in it, and the rule that nothing of a user's is overwritten silently."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import yaml
+
+from launcher.errors import UserError
+from launcher.recipe import Recipe, to_dict, to_yaml
+
+# What a run writes; `--overwrite` removes only these.
+RUN_FILES = ("recipe.yaml", "metrics.jsonl", "logs", "final", "checkpoints", "plan.txt")
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list:
+    keys = sorted(set(old) | set(new))
+    out = []
+    for k in keys:
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b and a != "***REDACTED***":
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def check_output_dir(recipe: Recipe, overwrite: bool) -> None:
+    """Refuse to reuse a run dir that holds another run or someone's files, unless told to."""
+    out = Path(recipe.output_dir)
+    if not out.exists() or not any(out.iterdir()):
+        return
+    saved = out / "recipe.yaml"
+    if not saved.is_file():
+        ours = [p.name for p in out.iterdir() if p.name in RUN_FILES]
+        if not ours:
+            raise UserError(f"output_dir {out} exists and holds files that are not an sft-launcher run. Choose another output_dir; nothing there was touched.")
+    if overwrite:
+        for name in RUN_FILES:
+            p = out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+        return
+    if saved.is_file():
+        diff = _differences(yaml.safe_load(saved.read_text()) or {}, to_dict(recipe))
+        what = f"a different run (recipe differs in: {', '.join(diff[:8])})" if diff else "an earlier run of this same recipe"
+    else:
+        what = "files of an earlier run"
+    raise UserError(
+        f"output_dir {out} already holds {what}. Nothing was changed. Choose another output_dir "
+        "(e.g. output_dir=runs/new-name), or pass --overwrite to delete that run's files and start over."
+    )
+
+
+def save_recipe(recipe: Recipe) -> Path:
+    out = Path(recipe.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(exist_ok=True)
+    path = out / "recipe.yaml"
+    path.write_text(to_yaml(recipe, redact=True))
+    return path

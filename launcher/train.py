@@ -1,0 +1,132 @@
+"""The training loop: accumulate, normalise, clip, step, evaluate, log.
+
+Loss normalisation: an optimizer step's loss is the sum of the token losses of all its
+micro-batches on all ranks, divided by the number of target tokens in all of them.
+Each micro-batch contributes `sum(token losses) / N_step`, where N_step is all-reduced
+before the first forward, so the gradient does not depend on how the step's examples
+are split into micro-batches or across ranks (tests/test_loss_normalisation.py).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import get_scheduler
+
+from launcher.data.batches import BatchPlan, pad_collate
+from launcher.data.tokenize import IGNORE
+from launcher.evaluate import evaluate
+from launcher.logs import Console, MetricsLog
+
+
+@dataclass(frozen=True)
+class Schedule:
+    batches: BatchPlan
+    total_steps: int
+    warmup_steps: int
+
+
+def make_schedule(train_cfg, seed: int, shuffle: bool, num_examples: int, world_size: int) -> Schedule:
+    """Batch arithmetic shared by `sft plan` and the workers. Raises ValueError with a user message."""
+    micro = train_cfg.micro_batch_size
+    if train_cfg.global_batch_size is not None:
+        per_step = micro * world_size
+        if train_cfg.global_batch_size % per_step:
+            raise ValueError(
+                f"train.global_batch_size={train_cfg.global_batch_size} is not a multiple of micro_batch_size x world size "
+                f"= {micro} x {world_size} = {per_step}. Choose a global batch that is, or change the micro batch."
+            )
+        accumulation = train_cfg.global_batch_size // per_step
+    else:
+        accumulation = train_cfg.gradient_accumulation_steps or 1
+    batches = BatchPlan(num_examples, micro, accumulation, world_size, seed, shuffle)
+    if batches.steps_per_epoch == 0:
+        raise ValueError(
+            f"{num_examples} training examples do not fill one global batch of {batches.global_batch} "
+            f"(micro {micro} x accumulation {accumulation} x {world_size} ranks). Use more data or a smaller batch."
+        )
+    total = train_cfg.max_steps if train_cfg.max_steps > 0 else math.ceil(train_cfg.epochs * batches.steps_per_epoch)
+    warmup = train_cfg.warmup_steps or math.ceil(train_cfg.warmup_ratio * total)
+    return Schedule(batches=batches, total_steps=total, warmup_steps=min(warmup, total))
+
+
+def token_loss_sum(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Sum (not mean) of next-token cross-entropy over the target tokens of a batch."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
+
+
+def step_batches(dataset, schedule: Schedule, step: int, rank: int, pad_id: int, device) -> list:
+    out = []
+    for indices in schedule.batches.micro_batches(step, rank):
+        rows = dataset[indices]
+        out.append({k: v.to(device) for k, v in pad_collate(rows["input_ids"], rows["labels"], pad_id).items()})
+    return out
+
+
+def train_step(engine, batches: list, dist, max_grad_norm: float) -> dict:
+    """One optimizer step over this rank's micro-batches; returns the step's global loss and counts."""
+    local_targets = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+    counts = dist.all_reduce_sum(torch.tensor([float(local_targets), float(sum(int(b["attention_mask"].sum()) for b in batches))]))
+    n_targets, n_tokens = counts.tolist()
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    for j, batch in enumerate(batches):
+        with engine.accumulating(is_last_micro_batch=j == len(batches) - 1):
+            s = token_loss_sum(engine.model, batch)
+            engine.backward(s * (engine.grad_scale / n_targets))
+        loss_sum += s.detach().double().cpu()
+    grad_norm = engine.clip_and_step(max_grad_norm)
+    loss = float(dist.all_reduce_sum(loss_sum)) / n_targets
+    return {"loss": loss, "grad_norm": grad_norm, "target_tokens": int(n_targets), "tokens": int(n_tokens)}
+
+
+def train(recipe, engine, dist, prepared, schedule: Schedule, tokenizer, run_dir) -> dict:
+    t = recipe.train
+    scheduler = get_scheduler(t.lr_scheduler, engine.optimizer, num_warmup_steps=schedule.warmup_steps, num_training_steps=schedule.total_steps)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main)
+    console = Console(schedule.total_steps, enabled=dist.is_main)
+    pad_id = tokenizer.pad_token_id
+
+    def run_eval(step: int) -> dict:
+        if prepared.eval is None:
+            return {}
+        result = evaluate(engine, dist, prepared.eval, t.micro_batch_size, tokenizer, t.eval_generate)
+        metrics.write({"step": step, **result})
+        console.eval(step, result)
+        return result
+
+    first_eval = run_eval(0) if t.eval_at_start else {}
+    engine.model.train()
+    start = time.perf_counter()
+    last = {}
+    for step in range(schedule.total_steps):
+        batches = step_batches(prepared.train, schedule, step, dist.rank, pad_id, dist.device)
+        tick = time.perf_counter()
+        last = train_step(engine, batches, dist, t.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        done = step + 1
+        if done % recipe.logging.every_steps == 0 or done == schedule.total_steps:
+            elapsed = time.perf_counter() - start
+            row = {
+                "step": done,
+                "epoch": round(step / schedule.batches.steps_per_epoch, 4),
+                "loss": last["loss"],
+                "lr": lr,
+                "grad_norm": last["grad_norm"],
+                "tokens_per_s": last["tokens"] / max(time.perf_counter() - tick, 1e-9),
+                "elapsed_s": round(elapsed, 3),
+            }
+            metrics.write(row)
+            console.step(done, row, eta_s=elapsed / done * (schedule.total_steps - done))
+        if t.eval_every and done % t.eval_every == 0 and done != schedule.total_steps:
+            run_eval(done)
+    final_eval = run_eval(schedule.total_steps)
+    console.close()
+    return {"first_eval": first_eval, "final_eval": final_eval, "final_loss": last.get("loss")}

@@ -1,0 +1,106 @@
+"""One training process per rank: data -> model -> engine -> loop -> export.
+
+Started by `sft run` through torch's elastic agent, or directly by users who launch
+themselves: `torchrun --nproc_per_node 8 -m launcher.worker RECIPE [key=value ...]`.
+Rank and world come from the environment torchrun sets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+# Set by `sft run`: the launcher has already checked the run dir and saved the recipe.
+LAUNCHED_ENV = "SFT_LAUNCHED"
+
+
+def _quiet_libraries() -> None:
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
+def run(recipe, dist) -> dict:
+    from transformers import set_seed
+
+    from launcher import engines, rundir
+    from launcher.cache import cache_root
+    from launcher.data.prepare import prepare
+    from launcher.export import save_final
+    from launcher.model import load_model, load_tokenizer, model_dir, resolve_dtype
+    from launcher.train import make_schedule, train
+
+    set_seed(recipe.seed)
+    run_dir = Path(recipe.output_dir)
+    if dist.is_main and os.environ.get(LAUNCHED_ENV) != "1":
+        rundir.check_output_dir(recipe, overwrite=False)
+        rundir.save_recipe(recipe)
+    dist.barrier()
+    if dist.is_main and (run_dir / "metrics.jsonl").exists():
+        (run_dir / "metrics.jsonl").unlink()  # a restarted attempt starts its history again
+
+    cache = cache_root(recipe.data.cache_dir)
+    with dist.local_main_first():  # one process per node tokenizes; the rest read its cache
+        path = model_dir(recipe.model, cache)
+        tokenizer = load_tokenizer(path, recipe.model)
+        prepared = prepare(recipe.data, tokenizer, cache, recipe.seed)
+    schedule = make_schedule(recipe.train, recipe.seed, recipe.data.shuffle, len(prepared.train), dist.world_size)
+
+    model = load_model(path, recipe.model, resolve_dtype(recipe.model.dtype, dist.device), dist.device)
+    engine = engines.build(recipe.strategy.backend, model, recipe.train, dist)
+    result = train(recipe, engine, dist, prepared, schedule, tokenizer, run_dir)
+
+    if recipe.export.on_finish:
+        state = engine.full_state_dict()
+        if dist.is_main:
+            save_final(engine.unwrapped(), state, tokenizer, run_dir / "final")
+        dist.barrier()
+    if dist.is_main:
+        _summary(result, run_dir, recipe.export.on_finish)
+    return result
+
+
+def _summary(result: dict, run_dir: Path, exported: bool) -> None:
+    lines = [f"done: final train loss {result['final_loss']:.4f}"]
+    first, final = result["first_eval"], result["final_eval"]
+    for key in ("eval_loss", "eval_token_accuracy", "eval_exact_match"):
+        if key in final:
+            before = f"{first[key]:.4f} -> " if key in first else ""
+            lines.append(f"  {key}: {before}{final[key]:.4f}")
+    if exported:
+        lines.append(f"  model: {run_dir / 'final'}")
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="launcher.worker", description=__doc__)
+    parser.add_argument("recipe")
+    parser.add_argument("overrides", nargs="*", help="key=value recipe overrides")
+    args = parser.parse_args(argv)
+
+    from launcher import dist as dist_mod
+    from launcher.errors import UserError
+    from launcher.recipe import load_recipe
+
+    _quiet_libraries()
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        dist = dist_mod.init()
+        try:
+            run(recipe, dist)
+        finally:
+            dist_mod.shutdown()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
