@@ -70,20 +70,25 @@ def step_batches(dataset, schedule: Schedule, step: int, rank: int, pad_id: int,
     return out
 
 
-def train_step(engine, batches: list, dist, max_grad_norm: float) -> dict:
-    """One optimizer step over this rank's micro-batches; returns the step's global loss and counts."""
+def accumulate_gradients(engine, batches: list, dist) -> dict:
+    """Forward and backward over this rank's micro-batches of one step, normalised for the whole step."""
     local_targets = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
-    counts = dist.all_reduce_sum(torch.tensor([float(local_targets), float(sum(int(b["attention_mask"].sum()) for b in batches))]))
-    n_targets, n_tokens = counts.tolist()
+    local_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    n_targets, n_tokens = dist.all_reduce_sum(torch.tensor([float(local_targets), float(local_tokens)])).tolist()
     loss_sum = torch.zeros((), dtype=torch.float64)
     for j, batch in enumerate(batches):
         with engine.accumulating(is_last_micro_batch=j == len(batches) - 1):
             s = token_loss_sum(engine.model, batch)
             engine.backward(s * (engine.grad_scale / n_targets))
         loss_sum += s.detach().double().cpu()
-    grad_norm = engine.clip_and_step(max_grad_norm)
     loss = float(dist.all_reduce_sum(loss_sum)) / n_targets
-    return {"loss": loss, "grad_norm": grad_norm, "target_tokens": int(n_targets), "tokens": int(n_tokens)}
+    return {"loss": loss, "target_tokens": int(n_targets), "tokens": int(n_tokens)}
+
+
+def train_step(engine, batches: list, dist, max_grad_norm: float) -> dict:
+    stats = accumulate_gradients(engine, batches, dist)
+    stats["grad_norm"] = engine.clip_and_step(max_grad_norm)
+    return stats
 
 
 def train(recipe, engine, dist, prepared, schedule: Schedule, tokenizer, run_dir) -> dict:

@@ -1,8 +1,9 @@
-"""Writes recipes/data/quickstart/{train,eval}.jsonl: reverse a short sequence of letters.
+"""Writes recipes/data/quickstart/{train,eval}.jsonl: repeat a short sequence of letters.
 
 A randomly initialised tiny model cannot know anything, so the quickstart task must be
-learnable from the data alone and measurable on prompts it never saw: reversing random
-letter sequences is both. Deterministic: rerunning rewrites identical files.
+learnable from the data alone and measurable on prompts it never saw: repeating random
+four-letter sequences is both (26^4 sequences, so held-out prompts are truly unseen), and a
+fixed length makes it a fixed-offset copy that a tiny model finds in a few hundred steps. Deterministic: rerunning rewrites identical files.
 """
 
 import json
@@ -14,12 +15,11 @@ OUT = Path(__file__).resolve().parent.parent / "recipes" / "data" / "quickstart"
 
 
 def conversation(rng: random.Random) -> dict:
-    seq = [rng.choice(LETTERS) for _ in range(rng.randint(3, 6))]
+    seq = [rng.choice(LETTERS) for _ in range(4)]
     return {
         "messages": [
-            {"role": "system", "content": "You reverse sequences."},
-            {"role": "user", "content": "reverse: " + " ".join(seq)},
-            {"role": "assistant", "content": " ".join(reversed(seq))},
+            {"role": "user", "content": "repeat: " + " ".join(seq)},
+            {"role": "assistant", "content": " ".join(seq)},
         ]
     }
 

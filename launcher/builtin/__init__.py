@@ -18,7 +18,7 @@ from filelock import FileLock
 TOKENIZER_DIR = Path(__file__).resolve().parent / "tokenizer"
 PREFIX = "builtin:"
 # Bump when a config or the tokenizer changes, so cached copies are rebuilt.
-VERSION = 1
+VERSION = 2
 
 _SHAPES = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import datasets
+import torch
 from datasets import Dataset, concatenate_datasets
 
 from launcher.data.formats import to_example
@@ -151,8 +152,10 @@ def prepare(cfg: DataConfig, tokenizer, cache: Path, seed: int) -> Prepared:
             stats.append(st)
         eval_ds = concatenate_datasets(eval_parts) if len(eval_parts) > 1 else eval_parts[0]
     elif cfg.eval_fraction > 0 and len(train) > 1:
-        split = train.train_test_split(test_size=cfg.eval_fraction, seed=seed, shuffle=True, keep_in_memory=True)
-        train, eval_ds = split["train"], split["test"]
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+        n_eval = max(1, round(cfg.eval_fraction * len(train)))
+        eval_ds = train.select(sorted(order[:n_eval]), keep_in_memory=True)
+        train = train.select(sorted(order[n_eval:]), keep_in_memory=True)
     if len(train) == 0:
         detail = "; ".join(f"{s.file}: {s.rows} rows, {s.dropped_too_long} too long, {s.dropped_no_target} with no target tokens" for s in stats)
         raise DataError(f"No training examples are left after filtering ({detail}). Raise data.max_seq_len or use data.too_long=truncate.")
