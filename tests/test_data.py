@@ -1,0 +1,130 @@
+"""Data: exact label masks, every format, row errors that name file and row, the length policy, caching."""
+
+import json
+
+import pytest
+
+from launcher.builtin import TOKENIZER_DIR
+from launcher.data.prepare import prepare
+from launcher.data.tokenize import IGNORE, tokenize_completion, tokenize_conversation
+from launcher.errors import DataError
+from launcher.recipe import DataConfig
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+
+
+def _trained(tok, enc):
+    return [(tok.decode([i]), lab != IGNORE) for i, lab in zip(enc["input_ids"], enc["labels"])]
+
+
+def test_golden_mask_multi_turn(tok):
+    """Every assistant turn is trained, each with its closing <|im_end|>; nothing else is."""
+    conv = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "bye"},
+        {"role": "assistant", "content": "see you"},
+    ]
+    enc = tokenize_conversation(tok, conv)
+    trained = [t for t, on in _trained(tok, enc) if on]
+    assert "".join(trained) == "hello<|im_end|>see you<|im_end|>"
+    # The full golden sequence (the shipped tokenizer's subwords): which token is trained.
+    golden = [
+        ("<|im_start|>", 0), ("s", 0), ("y", 0), ("s", 0), ("t", 0), ("e", 0), ("m", 0), ("\n", 0), ("B", 0), ("e", 0), (" b", 0), ("r", 0), ("i", 0), ("e", 0), ("f", 0), (".", 0), ("<|im_end|>", 0), ("\n", 0),
+        ("<|im_start|>", 0), ("user", 0), ("\n", 0), ("h", 0), ("i", 0), ("<|im_end|>", 0), ("\n", 0),
+        ("<|im_start|>", 0), ("assistant", 0), ("\n", 0), ("h", 1), ("el", 1), ("l", 1), ("o", 1), ("<|im_end|>", 1), ("\n", 0),
+        ("<|im_start|>", 0), ("user", 0), ("\n", 0), ("b", 0), ("y", 0), ("e", 0), ("<|im_end|>", 0), ("\n", 0),
+        ("<|im_start|>", 0), ("assistant", 0), ("\n", 0), ("se", 1), ("e", 1), (" y", 1), ("o", 1), ("u", 1), ("<|im_end|>", 1), ("\n", 0),
+    ]
+    got = _trained(tok, enc)
+    assert [(t, int(on)) for t, on in got] == golden
+    # The final reply (for exact-match eval) is "see you<|im_end|>".
+    assert tok.decode(enc["input_ids"][enc["reply_start"] : enc["reply_end"]]) == "see you<|im_end|>"
+
+
+def test_completion_trains_completion_and_eos(tok):
+    enc = tokenize_completion(tok, "Q: 2+2?\nA:", " 4")
+    trained = [t for t, on in _trained(tok, enc) if on]
+    assert trained[-1] == tok.eos_token and "".join(trained[:-1]) == " 4"
+    assert not any(on for t, on in _trained(tok, enc)[: len(enc["input_ids"]) - len(trained)])
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _prepare(tmp_path, tok, rows, **kw):
+    path = tmp_path / "d.jsonl"
+    if rows is not None:
+        _write(path, rows)
+    cfg = DataConfig(train_files=[str(path)], **kw)
+    return prepare(cfg, tok, tmp_path / "cache", seed=0)
+
+
+def test_formats(tmp_path, tok):
+    p = _prepare(tmp_path, tok, [{"instruction": "Add", "input": "2 and 2", "output": "4"}], format="alpaca")
+    row = p.train[0]
+    text = tok.decode(row["input_ids"])
+    assert "Add\n\n2 and 2" in text and "<|im_start|>assistant\n4<|im_end|>" in text  # chat template used
+    p = _prepare(tmp_path, tok, [{"text": "plain text here"}], format="text")
+    assert all(lab != IGNORE for lab in p.train[0]["labels"])
+
+
+@pytest.mark.parametrize(
+    "fmt,rows,message",
+    [
+        ("alpaca", [{"instruction": "a", "output": "b"}, {"instruction": "a"}], r"d.jsonl, row 2: missing field `output`"),
+        ("messages", [{"messages": [{"role": "user", "content": "only a question"}]}], r"row 1: the conversation has no assistant turn"),
+        ("messages", [{"messages": [{"role": "robot", "content": "x"}]}], r"row 1: message 0 has role 'robot'"),
+        ("completion", [{"prompt": "p", "completion": 3}], r"row 1: field `completion` must be a string"),
+    ],
+)
+def test_row_errors_name_file_and_row(tmp_path, tok, fmt, rows, message):
+    with pytest.raises(DataError, match=message):
+        _prepare(tmp_path, tok, rows, format=fmt)
+
+
+def test_too_long_policy_and_counts(tmp_path, tok):
+    rows = [{"prompt": "short", "completion": "ok"}, {"prompt": "a long prompt " * 20, "completion": "x " * 40}]
+    p = _prepare(tmp_path, tok, rows, format="completion", max_seq_len=24, too_long="drop")
+    assert len(p.train) == 1 and p.stats[0].dropped_too_long == 1
+    p = _prepare(tmp_path, tok, rows, format="completion", max_seq_len=24, too_long="truncate")
+    assert len(p.train) == 1 and p.stats[0].dropped_no_target == 1  # the prompt alone fills 24 tokens
+    rows[1] = {"prompt": "p", "completion": "x " * 40}
+    p = _prepare(tmp_path, tok, rows, format="completion", max_seq_len=24, too_long="truncate")
+    assert len(p.train) == 2 and p.stats[0].truncated == 1 and max(len(r) for r in p.train["input_ids"]) == 24
+    with pytest.raises(DataError, match=r"row 2: \d+ tokens is longer than data.max_seq_len=24"):
+        _prepare(tmp_path, tok, rows, format="completion", max_seq_len=24, too_long="error")
+
+
+def test_empty_after_filtering_and_missing_file(tmp_path, tok):
+    with pytest.raises(DataError, match="No training examples are left"):
+        _prepare(tmp_path, tok, [{"prompt": "p " * 50, "completion": "c"}], format="completion", max_seq_len=8, too_long="drop")
+    with pytest.raises(DataError, match="nope.jsonl does not exist"):
+        prepare(DataConfig(train_files=[str(tmp_path / "nope.jsonl")]), tok, tmp_path / "cache", seed=0)
+
+
+def test_tokenized_once_then_cached(tmp_path, tok):
+    rows = [{"text": f"row {i}"} for i in range(10)]
+    first = _prepare(tmp_path, tok, rows, format="text")
+    cached = list((tmp_path / "cache" / "tokenized").glob("*.arrow"))
+    assert len(cached) == 1
+    mtime = cached[0].stat().st_mtime_ns
+    second = _prepare(tmp_path, tok, None, format="text")  # same file, tokenizer, settings: cache hit
+    assert cached[0].stat().st_mtime_ns == mtime and second.train["input_ids"] == first.train["input_ids"]
+    _prepare(tmp_path, tok, None, format="text", max_seq_len=99)  # a different setting: a new cache file
+    assert len(list((tmp_path / "cache" / "tokenized").glob("*.arrow"))) == 2
+
+
+def test_eval_fraction_is_held_out(tmp_path, tok):
+    rows = [{"text": f"row {i}"} for i in range(20)]
+    p = _prepare(tmp_path, tok, rows, format="text", eval_fraction=0.25)
+    assert len(p.train) == 15 and len(p.eval) == 5
+    assert not set(map(tuple, p.train["input_ids"])) & set(map(tuple, p.eval["input_ids"]))
