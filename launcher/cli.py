@@ -24,8 +24,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    overrides = list(args.overrides) + ([f"launch.nproc_per_node={args.nproc}"] if args.nproc else [])
+    parser = _parser()
+    # Overrides may follow flags (`sft run r.yaml --nproc 2 train.lr=1e-4`): argparse leaves those over.
+    args, rest = parser.parse_known_args(argv)
+    stray = [a for a in rest if a.startswith("-") or "=" not in a]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    overrides = list(args.overrides) + rest + ([f"launch.nproc_per_node={args.nproc}"] if args.nproc else [])
 
     from launcher.errors import UserError
     from launcher.worker import _quiet_libraries
