@@ -255,6 +255,11 @@ def validate(recipe: Recipe) -> None:
         if _get(recipe, key) < 1:
             raise RecipeError(f"`{key}` must be at least 1, got {_get(recipe, key)}.")
     t = recipe.train
+    from transformers import SchedulerType  # the names transformers.get_scheduler accepts
+
+    schedulers = [s.value for s in SchedulerType]
+    if t.lr_scheduler not in schedulers:
+        raise RecipeError(f"`train.lr_scheduler: {t.lr_scheduler}` is not one of {', '.join(schedulers)}.")
     if t.gradient_accumulation_steps is not None and t.global_batch_size is not None:
         raise RecipeError("Set only one of `train.gradient_accumulation_steps` and `train.global_batch_size`: the other follows from micro batch and world size.")
     if t.gradient_accumulation_steps is not None and t.gradient_accumulation_steps < 1:

@@ -128,3 +128,15 @@ def test_eval_fraction_is_held_out(tmp_path, tok):
     p = _prepare(tmp_path, tok, rows, format="text", eval_fraction=0.25)
     assert len(p.train) == 15 and len(p.eval) == 5
     assert not set(map(tuple, p.train["input_ids"])) & set(map(tuple, p.eval["input_ids"]))
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv", ".json"])
+def test_parquet_csv_and_json_files(tmp_path, tok, suffix):
+    from datasets import Dataset
+
+    rows = {"prompt": ["2+2=", "3+3="], "completion": [" 4", " 6"]}
+    path = tmp_path / f"d{suffix}"
+    ds = Dataset.from_dict(rows)
+    {".parquet": ds.to_parquet, ".csv": ds.to_csv, ".json": lambda p: ds.to_json(p, lines=False)}[suffix](str(path))
+    p = prepare(DataConfig(train_files=[str(path)], format="completion"), tok, tmp_path / "cache", seed=0)
+    assert len(p.train) == 2 and tok.decode(p.train[1]["input_ids"]).endswith("3+3= 6" + tok.eos_token)

@@ -54,6 +54,8 @@ def test_missing_file_and_missing_required(tmp_path):
 def test_bad_values(recipes):
     with pytest.raises(RecipeError, match="data.format: chat"):
         load_recipe(recipes / "child.yaml", ["data.format=chat"])
+    with pytest.raises(RecipeError, match="train.lr_scheduler: cosin` is not one of linear, cosine"):
+        load_recipe(recipes / "child.yaml", ["train.lr_scheduler=cosin"])
     with pytest.raises(RecipeError, match="only one of"):
         load_recipe(recipes / "child.yaml", ["train.gradient_accumulation_steps=2", "train.global_batch_size=8"])
 

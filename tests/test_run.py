@@ -123,3 +123,12 @@ def test_quickstart_learns_the_task(tmp_path, cache_dir):
     assert evals[-1]["eval_exact_match"] >= 0.8
     assert "eval_exact_match: 0.0000 ->" in proc.stderr
     assert (run_dir / "final" / "config.json").is_file()
+
+
+def test_builtin_qwen2_with_gradient_checkpointing(tmp_path, cache_dir):
+    run_dir = tmp_path / "qwen"
+    proc = run_sft(["run", QUICKSTART, "model.path=builtin:tiny-qwen2", "model.gradient_checkpointing=true",
+                    *_short(run_dir, cache_dir, "train.max_steps=2", "train.eval_generate=0", "export.on_finish=false")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Qwen2ForCausalLM" in proc.stdout
+    assert [r["step"] for r in _metrics(run_dir) if "loss" in r] == [2]

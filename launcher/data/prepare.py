@@ -56,12 +56,23 @@ def read_rows(path: str, cache: Path) -> Dataset:
     if builder is None:
         raise DataError(f"Data file {path}: unsupported extension {p.suffix!r}; use one of {', '.join(BUILDERS)}.")
     try:
-        ds = datasets.load_dataset(builder, data_files=str(p.resolve()), split="train", cache_dir=str(cache / "datasets"))
+        as_text = _csv_as_text(p) if builder == "csv" else {}
+        ds = datasets.load_dataset(builder, data_files=str(p.resolve()), split="train", cache_dir=str(cache / "datasets"), **as_text)
     except Exception as e:  # datasets raises many types for malformed files
         raise DataError(f"Data file {path} could not be read as {builder}: {str(e).splitlines()[0]}. Check that every line is valid {builder.upper()}.") from None
     if len(ds) == 0:
         raise DataError(f"Data file {path} has no rows.")
     return ds
+
+
+def _csv_as_text(path: Path) -> dict:
+    """CSV cells are text: type inference would turn an answer like "4" into an int, and "" into NaN."""
+    import csv
+
+    with open(path, newline="") as f:
+        header = next(csv.reader(f), [])
+    features = datasets.Features({name: datasets.Value("string") for name in header})
+    return {"features": features, "keep_default_na": False}
 
 
 def tokenizer_signature(tokenizer) -> str:
