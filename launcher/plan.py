@@ -60,6 +60,17 @@ def _count_params(config) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def check_strategy(recipe: Recipe, accumulation: int) -> None:
+    """Engine settings that would only fail inside the workers."""
+    gpu = torch.cuda.is_available()
+    if recipe.model.dtype == "float16" and not gpu:
+        raise UserError("model.dtype: float16 needs a GPU (loss scaling and fp16 kernels are GPU-only here). Use float32 or bfloat16 on CPU.")
+    if recipe.strategy.backend == "deepspeed":
+        from launcher.engines.deepspeed import make_config
+
+        make_config(recipe, recipe.launch.nproc_per_node, accumulation, "cuda" if gpu else "cpu")
+
+
 def make_plan(recipe: Recipe) -> Plan:
     cache = cache_root(recipe.data.cache_dir)
     path = model_dir(recipe.model, cache)
@@ -85,6 +96,7 @@ def make_plan(recipe: Recipe) -> Plan:
         schedule = make_schedule(t, recipe.seed, recipe.data.shuffle, len(prepared.train), world)
     except ValueError as e:
         raise UserError(str(e)) from None
+    check_strategy(recipe, schedule.batches.accumulation)
     lengths = prepared.train.select(range(min(len(prepared.train), 2000)))["input_ids"]
     return Plan(
         model_path=path,
@@ -105,6 +117,17 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
+def _strategy(recipe: Recipe) -> str:
+    st = recipe.strategy
+    if st.backend == "deepspeed":
+        offload = [name for name, on in (("optimizer", st.offload_optimizer), ("parameters", st.offload_params)) if on]
+        return f"deepspeed ZeRO-{st.zero_stage}" + (f", {' and '.join(offload)} offloaded to CPU" if offload else "")
+    if st.backend == "fsdp":
+        wrap = ", ".join(st.fsdp_wrap) or "the model's blocks"
+        return f"fsdp2 (shard {wrap}; reshard_after_forward {st.reshard_after_forward}{', CPU offload' if st.cpu_offload else ''})"
+    return st.backend
+
+
 def format_plan(plan: Plan, recipe: Recipe) -> str:
     s, b = plan.schedule, plan.schedule.batches
     bytes_per = 2 if plan.dtype in ("bfloat16", "float16") else 4
@@ -113,7 +136,7 @@ def format_plan(plan: Plan, recipe: Recipe) -> str:
     lines = [
         f"model        {recipe.model.path} ({plan.architecture}, {plan.params / 1e6:.2f}M parameters, dtype {plan.dtype})",
         f"             end-of-turn token {plan.end_of_turn!r} is trained so the model learns to stop",
-        f"strategy     {recipe.strategy.backend}, world size {plan.world_size} ({recipe.launch.nproc_per_node} per node)",
+        f"strategy     {_strategy(recipe)}, world size {plan.world_size} ({recipe.launch.nproc_per_node} per node)",
         f"batch        micro {b.micro_batch_size} x accumulation {b.accumulation} x {b.world_size} ranks = global {b.global_batch} sequences"
         f" (~{b.global_batch * plan.mean_tokens:,.0f} tokens, mean {plan.mean_tokens:.0f} per sequence)",
         f"steps        {b.steps_per_epoch} per epoch, {s.total_steps} total, {s.warmup_steps} warmup ({recipe.train.lr_scheduler}, lr {recipe.train.lr:g})",

@@ -88,6 +88,18 @@ class TrainConfig:
 class StrategyConfig:
     # ddp | fsdp | deepspeed
     backend: str = "ddp"
+    # deepspeed: ZeRO stage 0-3; offload the optimizer state (stages 1-3) / the parameters (stage 3) to CPU
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    # deepspeed: a JSON/YAML path or a mapping merged over the config generated from the recipe
+    deepspeed_config: Optional[Any] = None
+    # fsdp: module classes to shard one by one (default: the model's _no_split_modules, e.g. LlamaDecoderLayer)
+    fsdp_wrap: List[str] = field(default_factory=list)
+    # fsdp: free gathered parameters after forward (ZeRO-3-like); false keeps them until backward (ZeRO-2-like)
+    reshard_after_forward: bool = True
+    # fsdp: keep sharded parameters, gradients and optimizer state in CPU memory
+    cpu_offload: bool = False
 
 
 @dataclass
@@ -272,8 +284,13 @@ def validate(recipe: Recipe) -> None:
         raise RecipeError("Set either `data.eval_files` or `data.eval_fraction`, not both.")
     if not 0.0 <= t.warmup_ratio < 1.0:
         raise RecipeError(f"`train.warmup_ratio` must be in [0, 1), got {t.warmup_ratio}.")
-    if recipe.strategy.backend != "ddp":
-        raise RecipeError(f"`strategy.backend: {recipe.strategy.backend}` is not available in this version yet; use `ddp`.")
+    st = recipe.strategy
+    if st.zero_stage not in (0, 1, 2, 3):
+        raise RecipeError(f"`strategy.zero_stage: {st.zero_stage}` is not a ZeRO stage; use 0, 1, 2 or 3.")
+    if st.backend == "deepspeed" and st.offload_params and st.zero_stage != 3:
+        raise RecipeError(f"`strategy.offload_params: true` needs `strategy.zero_stage: 3` (got {st.zero_stage}): only stage 3 partitions parameters.")
+    if st.backend == "deepspeed" and st.offload_optimizer and st.zero_stage == 0:
+        raise RecipeError("`strategy.offload_optimizer: true` needs `strategy.zero_stage` 1, 2 or 3: stage 0 does not partition the optimizer.")
     if recipe.lora.enabled:
         raise RecipeError("`lora.enabled: true` is not available in this version yet; set it to false.")
 

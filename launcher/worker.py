@@ -52,8 +52,10 @@ def run(recipe, dist) -> dict:
         prepared = prepare(recipe.data, tokenizer, cache, recipe.seed)
     schedule = make_schedule(recipe.train, recipe.seed, recipe.data.shuffle, len(prepared.train), dist.world_size)
 
-    model = load_model(path, recipe.model, resolve_dtype(recipe.model.dtype, dist.device), dist.device)
-    engine = engines.build(recipe.strategy.backend, model, recipe.train, dist)
+    accumulation = schedule.batches.accumulation
+    with engines.model_init(recipe, dist, accumulation):
+        model = load_model(path, recipe.model, resolve_dtype(recipe.model.dtype, dist.device), dist.device)
+    engine = engines.build(recipe, model, dist, accumulation)
     result = train(recipe, engine, dist, prepared, schedule, tokenizer, run_dir)
 
     if recipe.export.on_finish:

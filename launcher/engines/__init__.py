@@ -40,9 +40,28 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build(backend: str, model, train_cfg, dist):
+def model_init(recipe, dist, accumulation: int) -> contextlib.AbstractContextManager:
+    """Where the worker loads the model: ZeRO-3 partitions weights while they are read."""
+    if recipe.strategy.backend == "deepspeed":
+        from launcher.engines import deepspeed
+
+        return deepspeed.model_init(recipe, dist, accumulation)
+    return contextlib.nullcontext()
+
+
+def build(recipe, model, dist, accumulation: int):
+    """Wrap `model` for `strategy.backend`. Engine modules are imported only when chosen."""
+    backend = recipe.strategy.backend
     if backend == "ddp":
         from launcher.engines.ddp import DDPEngine
 
-        return DDPEngine.create(model, train_cfg, dist)
+        return DDPEngine.create(model, recipe.train, dist)
+    if backend == "fsdp":
+        from launcher.engines.fsdp import FSDPEngine
+
+        return FSDPEngine.create(model, recipe, dist)
+    if backend == "deepspeed":
+        from launcher.engines.deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine.create(model, recipe, dist, accumulation)
     raise ValueError(f"strategy.backend {backend!r} is not available")

@@ -1,0 +1,180 @@
+"""DeepSpeed ZeRO stages 0-3 behind the loop's engine interface.
+
+The DeepSpeed config is generated from the recipe (batch sizes, clipping, precision,
+ZeRO stage and offload) and `strategy.deepspeed_config` is merged over it; a user value
+that contradicts the recipe's batch arithmetic is an error, not a silent override.
+
+Gradient accumulation is driven by the loop, not by DeepSpeed's micro-step counter: the
+loop marks the last micro-batch of a step, calls `backward` with the loss already
+normalised for the whole step (so `scale_wrt_gas=False`), and steps once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+
+from launcher.engines import param_groups
+from launcher.errors import UserError
+
+# Keys the recipe owns: a user DeepSpeed config may repeat them only with the same value.
+_RECIPE_OWNED = {
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.gradient_accumulation_steps / train.global_batch_size",
+    "train_batch_size": "train.global_batch_size",
+    "gradient_clipping": "train.max_grad_norm",
+}
+
+
+def _user_config(value: Any) -> Dict[str, Any]:
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return value
+    path = Path(str(value))
+    if not path.is_file():
+        raise UserError(f"strategy.deepspeed_config: {path} does not exist. Give a JSON or YAML file, or a mapping in the recipe.")
+    import yaml  # YAML is a superset of JSON
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"strategy.deepspeed_config: {path} is not valid JSON or YAML: {str(e).splitlines()[0]}.") from None
+    if not isinstance(data, dict):
+        raise UserError(f"strategy.deepspeed_config: {path} must hold a mapping of DeepSpeed settings.")
+    return data
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def make_config(recipe, world_size: int, accumulation: int, device_type: str) -> Dict[str, Any]:
+    """The DeepSpeed config for this recipe; raises UserError when the user's config contradicts it."""
+    st, t = recipe.strategy, recipe.train
+    zero: Dict[str, Any] = {"stage": st.zero_stage}
+    if st.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if st.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    if st.zero_stage == 3:
+        # Without it, saving under stage 3 writes empty weights (DESIGN.md, known traps).
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    config = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": t.micro_batch_size * accumulation * world_size,
+        "gradient_clipping": t.max_grad_norm if t.max_grad_norm > 0 else 0.0,
+        "zero_optimization": zero,
+        "steps_per_print": 2**31 - 1,  # the loop logs; DeepSpeed's own prints would interleave
+        "wall_clock_breakdown": False,
+        # The client optimizer is torch AdamW, so numbers match the other engines; with
+        # offload DeepSpeed would otherwise insist on its compiled CPU Adam.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+    }
+    dtype = recipe.model.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device_type == "cuda" else "float32"
+    if dtype == "bfloat16":
+        config["bf16"] = {"enabled": True}
+    elif dtype == "float16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    user = _user_config(st.deepspeed_config)
+    for key, recipe_key in _RECIPE_OWNED.items():
+        if key in user and user[key] not in ("auto", config[key]):
+            raise UserError(
+                f"strategy.deepspeed_config sets {key}={user[key]!r}, but the recipe gives {config[key]!r} "
+                f"(from {recipe_key}). Set it in the recipe, or remove it from the DeepSpeed config (or use \"auto\")."
+            )
+        user.pop(key, None)
+    user_stage = user.get("zero_optimization", {}).get("stage", st.zero_stage)
+    if user_stage != st.zero_stage:
+        raise UserError(
+            f"strategy.deepspeed_config sets zero_optimization.stage={user_stage}, but strategy.zero_stage is {st.zero_stage}. "
+            "Set the stage with strategy.zero_stage only."
+        )
+    return _merge(config, user)
+
+
+@contextlib.contextmanager
+def model_init(recipe, dist, accumulation: int):
+    """Stage 3: load the model under HfDeepSpeedConfig so from_pretrained partitions weights as it reads them."""
+    if recipe.strategy.zero_stage != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    _ensure_process_group(dist)
+    keep = HfDeepSpeedConfig(make_config(recipe, dist.world_size, accumulation, dist.device.type))  # noqa: F841 (held by weakref)
+    yield
+    del keep
+
+
+def _ensure_process_group(dist) -> None:
+    """DeepSpeed needs a process group even for one rank, and its comm layer must adopt ours."""
+    import deepspeed
+    import torch.distributed as torch_dist
+
+    backend = "nccl" if dist.device.type == "cuda" else "gloo"
+    if not torch_dist.is_initialized():
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        torch_dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    deepspeed.init_distributed(dist_backend=backend)  # wraps the existing group
+
+
+@dataclass
+class DeepSpeedEngine:
+    model: Any  # the deepspeed.DeepSpeedEngine: forward, backward, step
+    optimizer: torch.optim.Optimizer  # the client AdamW: the LR scheduler sets its param_groups' lr
+    grad_scale: float
+    zero_stage: int
+
+    @classmethod
+    def create(cls, model: torch.nn.Module, recipe, dist, accumulation: int) -> "DeepSpeedEngine":
+        import deepspeed
+
+        _ensure_process_group(dist)
+        t = recipe.train
+        optimizer = torch.optim.AdamW(
+            param_groups(model, t.weight_decay), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps
+        )
+        config = make_config(recipe, dist.world_size, accumulation, dist.device.type)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        # DeepSpeed averages gradients across ranks; the loop's loss is already a global mean.
+        return cls(model=engine, optimizer=optimizer, grad_scale=float(dist.world_size), zero_stage=recipe.strategy.zero_stage)
+
+    def accumulating(self, is_last_micro_batch: bool):
+        self.model.set_gradient_accumulation_boundary(is_last_micro_batch)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.model.backward(loss, scale_wrt_gas=False)
+
+    def clip_and_step(self, max_norm: float) -> float:
+        # Clipping is DeepSpeed's (gradient_clipping in the config), applied inside step().
+        self.model.step()
+        norm = self.model.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def unwrapped(self) -> torch.nn.Module:
+        return self.model.module
+
+    def full_state_dict(self) -> dict:
+        """The whole model on rank 0 (collective: every rank must call it)."""
+        if self.zero_stage == 3:
+            state = self.model._zero3_consolidated_16bit_state_dict()
+            return {k: v.cpu() for k, v in (state or {}).items()}
+        return {k: v.detach().cpu() for k, v in self.model.module.state_dict().items()}
+

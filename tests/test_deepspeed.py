@@ -1,0 +1,73 @@
+"""DeepSpeed ZeRO 0-3 through `sft run` with 2 real ranks: the same numbers as DDP, and bad settings refused."""
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import run_sft
+
+QUICKSTART = "recipes/quickstart.yaml"
+
+
+def _losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r], [r["eval_loss"] for r in rows if "eval_loss" in r]
+
+
+def _run(run_dir, cache_dir, *extra):
+    args = ["run", QUICKSTART, "--nproc", "2", f"output_dir={run_dir}", f"data.cache_dir={cache_dir}", "train.max_steps=4",
+            "train.gradient_accumulation_steps=2", "train.micro_batch_size=8", "train.eval_every=2", "train.eval_generate=0",
+            "logging.every_steps=1", *extra]
+    proc = run_sft(args)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return _losses(run_dir)
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(tmp_path_factory, cache_dir):
+    run_dir = tmp_path_factory.mktemp("ddp") / "run"
+    return run_dir, _run(run_dir, cache_dir, "strategy.backend=ddp")
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stages_compute_what_ddp_computes(tmp_path, cache_dir, ddp_reference, stage):
+    ddp_dir, (ddp_loss, ddp_eval) = ddp_reference
+    export = "export.on_finish=true" if stage == 3 else "export.on_finish=false"
+    loss, eval_loss = _run(tmp_path / "run", cache_dir, "strategy.backend=deepspeed", f"strategy.zero_stage={stage}", export)
+    assert len(loss) == 4 and loss[-1] < loss[0]
+    assert loss == pytest.approx(ddp_loss, rel=1e-4) and eval_loss == pytest.approx(ddp_eval, rel=1e-4)
+    if stage == 3:
+        # ZeRO-3's export gathers the partitioned weights: not empty, and equal to DDP's.
+        ours, ref = load_file(tmp_path / "run" / "final" / "model.safetensors"), load_file(ddp_dir / "final" / "model.safetensors")
+        assert set(ours) == set(ref) and all(ours[k].numel() > 0 for k in ours)
+        assert max((ours[k] - ref[k]).abs().max().item() for k in ref) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["strategy.zero_stage=4"], "is not a ZeRO stage"),
+        (["strategy.zero_stage=2", "strategy.offload_params=true"], "needs `strategy.zero_stage: 3`"),
+        (["strategy.deepspeed_config={train_micro_batch_size_per_gpu: 4}"], "the recipe gives 16 (from train.micro_batch_size)"),
+        (["strategy.deepspeed_config={zero_optimization: {stage: 1}}"], "strategy.zero_stage is 2"),
+        (["strategy.deepspeed_config=/no/such/ds.json"], "/no/such/ds.json does not exist"),
+        (["model.dtype=float16"], "float16 needs a GPU"),
+    ],
+)
+def test_bad_deepspeed_settings_fail_before_workers(tmp_path, cache_dir, overrides, message):
+    proc = run_sft(["run", QUICKSTART, f"output_dir={tmp_path / 'run'}", f"data.cache_dir={cache_dir}", "strategy.backend=deepspeed", *overrides])
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_user_deepspeed_config_file_is_merged(tmp_path):
+    from launcher.engines.deepspeed import make_config
+    from launcher.recipe import load_recipe
+
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"overlap_comm": True}, "train_batch_size": "auto"}))
+    recipe = load_recipe(QUICKSTART, ["strategy.backend=deepspeed", "strategy.zero_stage=3", f"strategy.deepspeed_config={ds}"])
+    config = make_config(recipe, world_size=2, accumulation=1, device_type="cpu")
+    assert config["zero_optimization"] == {"stage": 3, "overlap_comm": True, "stage3_gather_16bit_weights_on_model_save": True}
+    assert config["train_batch_size"] == 32 and config["gradient_clipping"] == 1.0
