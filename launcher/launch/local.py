@@ -84,13 +84,14 @@ def launch(recipe_path: str, overrides: list, recipe) -> int:
         elastic_launch(config, entrypoint=sys.executable)("-m", "launcher.worker", *worker_args)
     except ChildFailedError as e:
         user_error = all(f.exitcode == 2 for f in e.failures.values())
-        rank, failure = min(e.failures.items())
+        _, failure = min(e.failures.items())
         if user_error:
             return 2  # the worker already printed the error on the console (rank 0 is teed)
+        log = log_dir / f"rank-{failure.local_rank}.log"
         print(
-            f"error: rank {rank} exited with code {failure.exitcode}"
+            f"error: rank {failure.local_rank} exited with code {failure.exitcode}"
             f"{' (signal ' + failure.signal_name() + ')' if failure.exitcode < 0 else ''}. "
-            f"Last lines of {failure.stderr}:\n{_tail(failure.stderr)}",
+            f"Last lines of {log}:\n{_tail(str(log))}",
             file=sys.stderr,
         )
         return 1
