@@ -121,7 +121,7 @@ def train(recipe, engine, dist, prepared, schedule: Schedule, tokenizer, run_dir
             elapsed = time.perf_counter() - start
             row = {
                 "step": done,
-                "epoch": round(step / schedule.batches.steps_per_epoch, 4),
+                "epoch": round(done / schedule.batches.steps_per_epoch, 4),  # at the end of the step, as HF logs it
                 "loss": last["loss"],
                 "lr": lr,
                 "grad_norm": last["grad_norm"],

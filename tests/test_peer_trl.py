@@ -3,39 +3,46 @@
 Both sides train the same built-in tiny Llama (fp32, CPU, one process) on the same
 prompt/completion file with the same hyperparameters: micro batch 2 x gradient
 accumulation 2, AdamW with weight decay, cosine schedule with warmup, gradient clipping,
-no packing, no shuffling. Completions have very different lengths, so each step's loss
-depends on normalising over all the target tokens of the step (not per micro-batch).
+no packing, no shuffling. Our side is the real CLI (`python -m launcher run`) in a
+subprocess; TRL runs in-process.
 
 What it proves, for the first 5 optimizer steps:
-- both sides feed the model identical token ids and loss masks (checked first, so a
-  tokenization difference fails loudly instead of showing up as a loss mismatch);
-- the loss the launcher logs for each step equals TRL's within 1e-3: step 1 checks the
-  loss and its normalisation on the initial weights, steps 2-5 check that gradients,
-  clipping, AdamW (weight-decay groups included) and the LR schedule agree;
+- both sides feed the model identical token ids and loss masks (checked before training,
+  so a tokenization difference fails loudly instead of showing up as a loss mismatch);
+- the loss the launcher logs for each step equals TRL's within 1e-3. Step 1 runs on the
+  initial weights and checks the loss and its normalisation over all target tokens of
+  the step (completions have very different lengths; a per-micro-batch mean would be
+  off by ~4e-3 even on these near-uniform initial logits). Steps 2-5 check that the
+  gradients, clipping, AdamW and the LR schedule agree. The LR and weight decay are
+  large on purpose: measured on this setup, changing the LR by 2%, the scheduler, the
+  warmup, beta1, beta2, eps or the weight decay (0.5 -> 0) on one side moves a later
+  loss by 3.6e-3 to 1e-1, and turning clipping off by 5e-2 (its exact threshold barely
+  matters here: every step is clipped, and Adam is nearly blind to a uniform rescale);
 - the losses really move, so the comparison cannot pass trivially.
-
-Our side is the real CLI (`python -m launcher run`), in a subprocess; TRL runs in-process.
 """
 
 import json
-import math
 
 import pytest
+import torch
 
 from conftest import run_sft
 
 STEPS = 5
 MICRO, ACCUM = 2, 2
-HYPER = dict(lr=2e-3, warmup_steps=2, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, max_grad_norm=1.0)
+LR, WARMUP, WEIGHT_DECAY, BETAS, EPS, MAX_GRAD_NORM = 5e-3, 2, 0.5, (0.9, 0.95), 1e-8, 1.0
 SEED = 42
 MAX_LEN = 128
 TOL = 1e-3
 
 WORDS = "red green blue cat dog bird sun moon star tree river stone cloud fire water wind".split()
+# Both sides run on one CPU thread: on a busy 2-core box, two contending OpenMP threads
+# make these tiny steps ~50x slower. Nothing is downloaded or reported to the Hub.
+SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 
 
 def _rows():
-    """STEPS global batches of prompt/completion pairs, completions 1 to 16 words long.
+    """STEPS global batches of prompt/completion pairs, completions of 1 to 16 words.
 
     Each prompt ends without a space and each completion starts with one, so the
     prompt/completion boundary is a token boundary for this byte-level BPE tokenizer.
@@ -44,21 +51,12 @@ def _rows():
     for i in range(STEPS * MICRO * ACCUM):
         n = [1, 16, 3, 11, 2, 7, 14, 1, 5, 9][i % 10]
         words = [WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(n)]
-        rows.append({"prompt": f"Q{i}: list {n} word{'s' if n > 1 else ''} from {WORDS[i % len(WORDS)]}.\nA:", "completion": " " + " ".join(words)})
+        rows.append({"prompt": f"Q{i}: list {n} words from {WORDS[i % len(WORDS)]}.\nA:", "completion": " " + " ".join(words)})
     return rows
 
 
-@pytest.fixture(scope="module")
-def peer_setup(tmp_path_factory, cache_dir):
-    from launcher.builtin import materialize
-
-    root = tmp_path_factory.mktemp("peer-trl")
-    data = root / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in _rows()))
-    return root, data, materialize("builtin:tiny-llama", cache_dir)
-
-
-def _launcher_losses(root, data, cache_dir):
+def _launcher_steps(root, data, cache_dir):
+    """The CLI's metrics.jsonl rows for steps 1..STEPS."""
     run_dir = root / "launcher-run"
     recipe = root / "peer.yaml"
     recipe.write_text(
@@ -67,31 +65,19 @@ def _launcher_losses(root, data, cache_dir):
         "model: {path: 'builtin:tiny-llama', dtype: float32}\n"
         f"data: {{train_files: ['{data}'], format: completion, max_seq_len: {MAX_LEN}, shuffle: false}}\n"
     )
-    t = HYPER
-    proc = run_sft([
-        "run", str(recipe), f"output_dir={run_dir}", f"data.cache_dir={cache_dir}",
-        f"train.micro_batch_size={MICRO}", f"train.gradient_accumulation_steps={ACCUM}", f"train.max_steps={STEPS}",
-        f"train.lr={t['lr']}", "train.lr_scheduler=cosine", f"train.warmup_steps={t['warmup_steps']}",
-        f"train.weight_decay={t['weight_decay']}", f"train.adam_beta1={t['adam_beta1']}", f"train.adam_beta2={t['adam_beta2']}",
-        f"train.adam_eps={t['adam_eps']}", f"train.max_grad_norm={t['max_grad_norm']}", "train.eval_every=0",
-        "logging.every_steps=1", "export.on_finish=false",
-    ], timeout=300)
+    overrides = {
+        "output_dir": run_dir, "data.cache_dir": cache_dir,
+        "train.micro_batch_size": MICRO, "train.gradient_accumulation_steps": ACCUM, "train.max_steps": STEPS,
+        "train.lr": LR, "train.lr_scheduler": "cosine", "train.warmup_steps": WARMUP, "train.weight_decay": WEIGHT_DECAY,
+        "train.adam_beta1": BETAS[0], "train.adam_beta2": BETAS[1], "train.adam_eps": EPS, "train.max_grad_norm": MAX_GRAD_NORM,
+        "train.eval_every": 0, "logging.every_steps": 1, "export.on_finish": "false",
+    }
+    proc = run_sft(["run", str(recipe), *(f"{k}={v}" for k, v in overrides.items())], env=SUBPROCESS_ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
     return steps
-
-
-def _our_tokenization(data, model_path, cache_dir):
-    from launcher.data.prepare import prepare
-    from launcher.model import load_tokenizer
-    from launcher.recipe import DataConfig, ModelConfig
-
-    tok = load_tokenizer(model_path, ModelConfig(path=str(model_path)))
-    cfg = DataConfig(train_files=[str(data)], format="completion", max_seq_len=MAX_LEN, shuffle=False)
-    train = prepare(cfg, tok, cache_dir, SEED).train
-    return train["input_ids"], train["labels"]
 
 
 def _trl_trainer(root, data, model_path):
@@ -100,28 +86,26 @@ def _trl_trainer(root, data, model_path):
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    t = HYPER
     args = SFTConfig(
         output_dir=str(root / "trl-run"),
         per_device_train_batch_size=MICRO,
         gradient_accumulation_steps=ACCUM,
         max_steps=STEPS,
-        learning_rate=t["lr"],
+        learning_rate=LR,
         lr_scheduler_type="cosine",
-        warmup_steps=t["warmup_steps"],
-        weight_decay=t["weight_decay"],
-        adam_beta1=t["adam_beta1"],
-        adam_beta2=t["adam_beta2"],
-        adam_epsilon=t["adam_eps"],
-        max_grad_norm=t["max_grad_norm"],
+        warmup_steps=WARMUP,
+        weight_decay=WEIGHT_DECAY,
+        adam_beta1=BETAS[0],
+        adam_beta2=BETAS[1],
+        adam_epsilon=EPS,
+        max_grad_norm=MAX_GRAD_NORM,
         seed=SEED,
-        data_seed=SEED,
-        # fp32 on CPU, as the launcher runs there (SFTConfig defaults to bf16 and gradient checkpointing)
+        # fp32 on CPU, as the launcher runs there (SFTConfig defaults to bf16 and checkpointing)
+        use_cpu=True,
         bf16=False,
         fp16=False,
-        use_cpu=True,
-        activation_checkpointing=False,  # TRL's default is on; the new name overrides it
-        # data: prompt/completion, loss on the completion (+ EOS) only, no packing, in file order
+        activation_checkpointing=False,
+        # prompt/completion data, loss on the completion (+ EOS) only, no packing, in file order
         completion_only_loss=True,
         packing=False,
         padding_free=False,
@@ -129,7 +113,7 @@ def _trl_trainer(root, data, model_path):
         train_sampling_strategy="sequential",
         max_length=MAX_LEN,
         dataset_num_proc=None,
-        # logging: every step, nowhere but trainer.state.log_history
+        # log every step, to trainer.state.log_history only
         logging_steps=1,
         report_to="none",
         save_strategy="no",
@@ -142,41 +126,81 @@ def _trl_trainer(root, data, model_path):
     return trainer
 
 
-def test_losses_match_trl_sft_trainer(peer_setup, cache_dir, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    root, data, model_path = peer_setup
+def _our_rows(data, model_path, cache_dir):
+    from launcher.data.prepare import prepare
+    from launcher.model import load_tokenizer
+    from launcher.recipe import DataConfig, ModelConfig
 
-    trainer = _trl_trainer(root, data, model_path)
+    tokenizer = load_tokenizer(model_path, ModelConfig(path=str(model_path)))
+    cfg = DataConfig(train_files=[str(data)], format="completion", max_seq_len=MAX_LEN, shuffle=False)
+    return prepare(cfg, tokenizer, cache_dir, SEED).train, tokenizer
 
-    # Same tokens and the same loss mask, row for row, before any training.
-    our_ids, our_labels = _our_tokenization(data, model_path, cache_dir)
-    trl_data = trainer.train_dataset
-    assert trl_data["input_ids"] == our_ids
-    assert trl_data["labels"] == our_labels
-    assert len(set(sum(1 for t in lab if t != -100) for lab in our_labels)) > 5  # completions of unequal length
 
-    # Same weight-decay groups: HF decays all but biases and norms (by name); we decay every >= 2-D tensor.
-    params = dict(trainer.model.named_parameters())  # tied lm_head/embedding listed once
+def _per_micro_batch_mean_of_step_1(rows, tokenizer, model_path):
+    """Step 1's loss if each micro-batch were averaged on its own and the means averaged."""
+    from launcher.data.batches import pad_collate
+    from launcher.model import load_model
+    from launcher.recipe import ModelConfig
+    from launcher.train import token_loss_sum
+
+    model = load_model(model_path, ModelConfig(path=str(model_path)), torch.float32, torch.device("cpu"))
+    means = []
+    with torch.no_grad():
+        for start in range(0, MICRO * ACCUM, MICRO):
+            batch = pad_collate(rows["input_ids"][start:start + MICRO], rows["labels"][start:start + MICRO], tokenizer.pad_token_id)
+            means.append(float(token_loss_sum(model, batch)) / int((batch["labels"][:, 1:] != -100).sum()))
+    return sum(means) / len(means)
+
+
+@pytest.fixture
+def single_thread_offline(monkeypatch):
+    """SUBPROCESS_ENV for this process (the Hub reads its settings at import, hence setattr)."""
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_DISABLE_TELEMETRY", True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_first_five_losses_match_trl_sft_trainer(tmp_path, cache_dir, single_thread_offline):
+    from launcher.builtin import materialize
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _rows()))
+    model_path = materialize("builtin:tiny-llama", cache_dir)
+    trainer = _trl_trainer(tmp_path, data, model_path)
+
+    # The same tokens and loss masks, row for row, in the same order.
+    ours, tokenizer = _our_rows(data, model_path, cache_dir)
+    assert list(trainer.train_dataset["input_ids"]) == list(ours["input_ids"])
+    assert list(trainer.train_dataset["labels"]) == list(ours["labels"])
+    assert len({sum(t != -100 for t in labels) for labels in ours["labels"]}) >= 8  # unequal completion lengths
+
+    # The same weight-decay groups: HF decays all but biases and norms (by name); we decay every >= 2-D tensor.
+    params = dict(trainer.model.named_parameters())  # the tied lm_head/embedding is listed once
     decayed = set(trainer.get_decay_parameter_names(trainer.model)) & set(params)
-    assert decayed == {n for n, p in params.items() if p.ndim >= 2}
+    assert decayed == {name for name, p in params.items() if p.ndim >= 2}
 
     trainer.train()
     trl = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
     assert [h["step"] for h in trl] == list(range(1, STEPS + 1))
+    launcher = _launcher_steps(tmp_path, data, cache_dir)
 
-    ours = _launcher_losses(root, data, cache_dir)
-
-    ours_loss = [r["loss"] for r in ours]
-    trl_loss = [h["loss"] for h in trl]
-    report = "\n".join(f"step {i + 1}: launcher {a:.6f}  trl {b:.6f}  diff {a - b:+.2e}" for i, (a, b) in enumerate(zip(ours_loss, trl_loss)))
+    ours_loss, trl_loss = [r["loss"] for r in launcher], [h["loss"] for h in trl]
+    report = "\n".join(f"step {i}: launcher {a:.6f}  trl {b:.6f}  diff {a - b:+.1e}"
+                       for i, (a, b) in enumerate(zip(ours_loss, trl_loss), 1))
     print(report)
     for a, b in zip(ours_loss, trl_loss):
-        assert math.isfinite(a) and abs(a - b) < TOL, report
-    # Pre-clipping gradient norms agree too (they are > max_grad_norm, so clipping is exercised).
-    for r, h in zip(ours, trl):
-        assert abs(r["grad_norm"] - h["grad_norm"]) < 1e-3 * max(1.0, h["grad_norm"]), (r["grad_norm"], h["grad_norm"])
-    # Not trivially equal: training moves the loss, by much more than the tolerance.
-    assert max(ours_loss) - min(ours_loss) > 50 * TOL
-    assert ours_loss[-1] < ours_loss[0]
+        assert abs(a - b) < TOL, report
+    for r, h in zip(launcher, trl):
+        assert r["lr"] == pytest.approx(h["learning_rate"], rel=1e-6, abs=1e-12)  # the LR used by that step
+        assert r["grad_norm"] == pytest.approx(h["grad_norm"], rel=1e-3)  # the norm before clipping
+    assert all(h["grad_norm"] > MAX_GRAD_NORM for h in trl)  # so every step is clipped
+
+    # Not trivially equal: the losses fall by far more than the tolerance, and step 1 would
+    # be off by ~4e-3 with a per-micro-batch mean.
+    assert ours_loss[0] - ours_loss[-1] > 100 * TOL
+    assert abs(_per_micro_batch_mean_of_step_1(ours, tokenizer, model_path) - trl_loss[0]) > 2 * TOL
