@@ -43,6 +43,8 @@ class Console:
         if not self.enabled:
             return
         stats = f"loss {row['loss']:.4f} lr {row['lr']:.2e} tok/s {row['tokens_per_s']:.0f}"
+        if "mfu" in row:
+            stats += f" mfu {row['mfu']:.1%} mem {row['peak_mem_gib']:.1f}GiB"
         if self.bar is not None:
             self.bar.set_postfix_str(stats, refresh=False)
             self.bar.update(step - self.bar.n)

@@ -20,6 +20,7 @@ from transformers import get_scheduler
 from launcher.data.batches import BatchPlan, pad_collate
 from launcher.data.tokenize import IGNORE
 from launcher.evaluate import evaluate
+from launcher.flops import MFU
 from launcher.logs import Console, MetricsLog
 
 
@@ -97,6 +98,7 @@ def train(recipe, engine, dist, prepared, schedule: Schedule, tokenizer, run_dir
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main)
     console = Console(schedule.total_steps, enabled=dist.is_main)
     pad_id = tokenizer.pad_token_id
+    mfu = MFU(engine.unwrapped(), dist.device)
 
     def run_eval(step: int) -> dict:
         if prepared.eval is None:
@@ -119,15 +121,22 @@ def train(recipe, engine, dist, prepared, schedule: Schedule, tokenizer, run_dir
         done = step + 1
         if done % recipe.logging.every_steps == 0 or done == schedule.total_steps:
             elapsed = time.perf_counter() - start
+            seconds = time.perf_counter() - tick
             row = {
                 "step": done,
                 "epoch": round(done / schedule.batches.steps_per_epoch, 4),  # at the end of the step, as HF logs it
                 "loss": last["loss"],
                 "lr": lr,
                 "grad_norm": last["grad_norm"],
-                "tokens_per_s": last["tokens"] / max(time.perf_counter() - tick, 1e-9),
+                "tokens_per_s": last["tokens"] / max(seconds, 1e-9),
                 "elapsed_s": round(elapsed, 3),
             }
+            utilisation = mfu(last["tokens"], schedule.batches.global_batch, seconds, dist.world_size)
+            if utilisation is not None:
+                row["mfu"] = round(utilisation, 4)
+            if dist.device.type == "cuda":
+                row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(dist.device) / 2**30, 3)
+                torch.cuda.reset_peak_memory_stats(dist.device)
             metrics.write(row)
             console.step(done, row, eta_s=elapsed / done * (schedule.total_steps - done))
         if t.eval_every and done % t.eval_every == 0 and done != schedule.total_steps:
