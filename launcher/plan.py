@@ -97,6 +97,10 @@ def make_plan(recipe: Recipe) -> Plan:
     except ValueError as e:
         raise UserError(str(e)) from None
     check_strategy(recipe, schedule.batches.accumulation)
+    if recipe.strategy.backend == "fsdp":
+        from launcher.engines.fsdp import check_wrap_classes
+
+        check_wrap_classes(config, recipe)
     lengths = prepared.train.select(range(min(len(prepared.train), 2000)))["input_ids"]
     return Plan(
         model_path=path,

@@ -27,6 +27,7 @@ def _quiet_libraries() -> None:
 
 
 def run(recipe, dist) -> dict:
+    import torch
     from transformers import set_seed
 
     from launcher import engines, rundir
@@ -54,7 +55,9 @@ def run(recipe, dist) -> dict:
 
     accumulation = schedule.batches.accumulation
     with engines.model_init(recipe, dist, accumulation):
-        model = load_model(path, recipe.model, resolve_dtype(recipe.model.dtype, dist.device), dist.device)
+        # FSDP keeps fp32 master weights and casts to the compute dtype itself (MixedPrecisionPolicy).
+        dtype = torch.float32 if recipe.strategy.backend == "fsdp" else resolve_dtype(recipe.model.dtype, dist.device)
+        model = load_model(path, recipe.model, dtype, dist.device)
     engine = engines.build(recipe, model, dist, accumulation)
     result = train(recipe, engine, dist, prepared, schedule, tokenizer, run_dir)
 

@@ -1,0 +1,139 @@
+"""FSDP2: parameters, gradients and optimizer state are sharded across ranks with `fully_shard`.
+
+Each block class (the model's `_no_split_modules`, or `strategy.fsdp_wrap`) becomes one
+all-gather / reduce-scatter unit; the root unit takes what is left (embeddings, final norm,
+a tied lm_head), so tied weights stay one parameter in one unit. `fully_shard` changes the
+module in place: the HF model is also what the loop calls forward on, and `generate` works
+because transformers sees `_is_fsdp_managed_module` and keeps ranks in step (synced_gpus).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+from launcher.engines import param_groups
+from launcher.errors import UserError
+from launcher.model import resolve_dtype
+
+
+def block_classes(model: torch.nn.Module) -> list:
+    """Class names that look like repeated blocks: the model's `_no_split_modules` and ModuleList items."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList):
+            names.update(type(m).__name__ for m in module)
+    return sorted(names)
+
+
+def check_wrap_classes(model_or_config, recipe) -> list:
+    """The class names to shard one by one; raises UserError if the model has none of some name.
+
+    Takes a module or a transformers config (then a weightless model is built on the meta
+    device), so `sft plan` can call it before any worker starts.
+    """
+    model = model_or_config
+    if not isinstance(model, torch.nn.Module):
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_or_config, trust_remote_code=recipe.model.trust_remote_code)
+    wanted = list(recipe.strategy.fsdp_wrap) or list(getattr(model, "_no_split_modules", None) or [])
+    present = {type(m).__name__ for m in model.modules()}
+    missing = [name for name in wanted if name not in present]
+    if missing:
+        raise UserError(
+            f"strategy.fsdp_wrap: {type(model).__name__} has no module class {', '.join(missing)}. "
+            f"Its block classes are: {', '.join(block_classes(model)) or '(none found)'}. "
+            "Use one of those, or leave fsdp_wrap empty to use the model's default."
+        )
+    return wanted
+
+
+def _ensure_process_group(dist) -> None:
+    # FSDP2 needs a process group and a device mesh even on one rank. An in-process store
+    # needs no port; dist.distributed then reports True and dist.shutdown() destroys it.
+    if not torch_dist.is_initialized():
+        backend = "cpu:gloo,cuda:nccl" if dist.device.type == "cuda" else "gloo"
+        torch_dist.init_process_group(backend, store=torch_dist.HashStore(), rank=0, world_size=1)
+
+
+@dataclass
+class FSDPEngine:
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    grad_scale: float
+
+    @classmethod
+    def create(cls, model: torch.nn.Module, recipe, dist) -> "FSDPEngine":
+        st, train_cfg = recipe.strategy, recipe.train
+        wrap = set(check_wrap_classes(model, recipe))
+        _ensure_process_group(dist)
+        world = torch_dist.get_world_size()
+        mesh = init_device_mesh(dist.device.type, (world,))
+        kwargs = dict(mesh=mesh, reshard_after_forward=st.reshard_after_forward)
+        # On a CPU-only run everything already lives in CPU memory (and CPUOffloadPolicy needs an accelerator).
+        offload = st.cpu_offload and dist.device.type != "cpu"
+        kwargs["offload_policy"] = CPUOffloadPolicy() if offload else OffloadPolicy()
+        if resolve_dtype(recipe.model.dtype, dist.device) == torch.bfloat16:
+            # The worker loads fp32 for FSDP: sharded master weights and optimizer state stay fp32,
+            # forward/backward run in bf16, and gradients are reduced in fp32.
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        # Bottom-up: each block is its own unit; the root then takes the remaining parameters.
+        for module in list(model.modules()):
+            if module is not model and type(module).__name__ in wrap:
+                fully_shard(module, **kwargs)
+        fully_shard(model, **kwargs)
+        # Built after sharding, so the optimizer holds the DTensor shards (its state is sharded too).
+        optimizer = torch.optim.AdamW(
+            param_groups(model, train_cfg.weight_decay),
+            lr=train_cfg.lr,
+            betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
+            eps=train_cfg.adam_eps,
+        )
+        # The reduce-scatter averages over ranks (gradient_divide_factor = world); the loop wants the sum.
+        return cls(model=model, optimizer=optimizer, grad_scale=float(world))
+
+    @contextlib.contextmanager
+    def accumulating(self, is_last_micro_batch: bool):
+        # Non-last micro-batches keep unsharded gradients locally; the last one reduce-scatters their sum.
+        self.model.set_requires_gradient_sync(is_last_micro_batch)
+        try:
+            yield
+        finally:
+            # Leave sync on, so a backward outside this context (or the next step) never skips it.
+            self.model.set_requires_gradient_sync(True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def clip_and_step(self, max_norm: float) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        # With DTensor gradients the norm is a DTensor over the shards; full_tensor() gives the global one.
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def unwrapped(self) -> torch.nn.Module:
+        return self.model
+
+    def full_state_dict(self) -> dict:
+        """Collective: every rank gathers; rank 0 gets the full CPU state dict, the others {}."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.model, options=options)
+        # The gather returns tied weights (embed_tokens / lm_head) as separate copies; make them one
+        # tensor again, so save_pretrained drops the tied key as it does for the plain model.
+        first = {}
+        for name, param in self.model.named_parameters(remove_duplicate=False):
+            if name in state:
+                state[name] = state[first.setdefault(id(param), name)]
+        return state
