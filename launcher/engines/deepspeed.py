@@ -56,10 +56,18 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def make_config(recipe, world_size: int, accumulation: int, device_type: str) -> Dict[str, Any]:
+def make_config(recipe, world_size: int, accumulation: int, device_type: str, hidden_size: int = 0) -> Dict[str, Any]:
     """The DeepSpeed config for this recipe; raises UserError when the user's config contradicts it."""
     st, t = recipe.strategy, recipe.train
     zero: Dict[str, Any] = {"stage": st.zero_stage}
+    if hidden_size:
+        # Buckets sized to the model, as transformers' "auto" does: DeepSpeed's fixed defaults
+        # (5e8 elements) cost 2 GB per rank even for a tiny model, and stage 3's default
+        # persistence threshold (1e5) would leave a small model's matrices unsharded.
+        zero["reduce_bucket_size"] = hidden_size * hidden_size
+        if st.zero_stage == 3:
+            zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
+            zero["stage3_param_persistence_threshold"] = 10 * hidden_size
     if st.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     if st.offload_params:
@@ -150,7 +158,7 @@ class DeepSpeedEngine:
         optimizer = torch.optim.AdamW(
             param_groups(model, t.weight_decay), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps
         )
-        config = make_config(recipe, dist.world_size, accumulation, dist.device.type)
+        config = make_config(recipe, dist.world_size, accumulation, dist.device.type, model.config.hidden_size)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         # DeepSpeed averages gradients across ranks; the loop's loss is already a global mean.
         return cls(model=engine, optimizer=optimizer, grad_scale=float(dist.world_size), zero_stage=recipe.strategy.zero_stage)
