@@ -285,6 +285,11 @@ def validate(recipe: Recipe) -> None:
     if not 0.0 <= t.warmup_ratio < 1.0:
         raise RecipeError(f"`train.warmup_ratio` must be in [0, 1), got {t.warmup_ratio}.")
     st = recipe.strategy
+    if recipe.model.dtype == "float16" and st.backend != "deepspeed":
+        raise RecipeError(
+            f"`model.dtype: float16` with `strategy.backend: {st.backend}` would train without loss scaling, so small "
+            "gradients underflow. Use bfloat16, or strategy.backend=deepspeed (dynamic loss scaling)."
+        )
     if st.zero_stage not in (0, 1, 2, 3):
         raise RecipeError(f"`strategy.zero_stage: {st.zero_stage}` is not a ZeRO stage; use 0, 1, 2 or 3.")
     if st.backend == "deepspeed" and st.offload_params and st.zero_stage != 3:

@@ -56,6 +56,8 @@ def test_bad_values(recipes):
         load_recipe(recipes / "child.yaml", ["data.format=chat"])
     with pytest.raises(RecipeError, match="train.lr_scheduler: cosin` is not one of linear, cosine"):
         load_recipe(recipes / "child.yaml", ["train.lr_scheduler=cosin"])
+    with pytest.raises(RecipeError, match="float16` with `strategy.backend: fsdp` would train without loss scaling"):
+        load_recipe(recipes / "child.yaml", ["model.dtype=float16", "strategy.backend=fsdp"])
     with pytest.raises(RecipeError, match="only one of"):
         load_recipe(recipes / "child.yaml", ["train.gradient_accumulation_steps=2", "train.global_batch_size=8"])
 
