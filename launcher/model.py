@@ -49,13 +49,27 @@ def load_tokenizer(path: Path, cfg: ModelConfig):
     return tokenizer
 
 
-def load_model(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
-    from transformers import AutoModelForCausalLM
+def load_model(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, weights: bool = True):
+    """The model from `path`; with weights=False its parameters are on the meta device (no memory,
+    no file read) for an engine that fills them from another rank. Buffers stay real: some, such
+    as rotary frequencies, are computed at construction and are not in the checkpoint."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
+    if weights:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
+    else:
+        from accelerate import init_empty_weights
+
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, **kwargs)
+        model.tie_weights()  # not done on meta; ranks must see the same parameter list as rank 0
+        for module in model.modules():  # parameters stay on meta; buffers go where training runs
+            for name, buf in module.named_buffers(recurse=False):
+                module._buffers[name] = buf.to(device)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False  # the KV cache is for generation, not training

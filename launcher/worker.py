@@ -56,8 +56,10 @@ def run(recipe, dist) -> dict:
     accumulation = schedule.batches.accumulation
     with engines.model_init(recipe, dist, accumulation):
         # FSDP keeps fp32 master weights and casts to the compute dtype itself (MixedPrecisionPolicy).
-        dtype = torch.float32 if recipe.strategy.backend == "fsdp" else resolve_dtype(recipe.model.dtype, dist.device)
-        model = load_model(path, recipe.model, dtype, dist.device)
+        fsdp = recipe.strategy.backend == "fsdp"
+        dtype = torch.float32 if fsdp else resolve_dtype(recipe.model.dtype, dist.device)
+        # FSDP: only rank 0 reads the weights; it scatters them into the shards after wrapping.
+        model = load_model(path, recipe.model, dtype, dist.device, weights=not fsdp or dist.rank == 0)
     engine = engines.build(recipe, model, dist, accumulation)
     result = train(recipe, engine, dist, prepared, schedule, tokenizer, run_dir)
 

@@ -94,3 +94,19 @@ def test_check_wrap_classes_works_on_a_config(cache_dir):
     recipe.strategy.fsdp_wrap = ["LlamaDecoderLayer", "NoSuchLayer"]
     with pytest.raises(UserError, match="no module class NoSuchLayer. Its block classes are: LlamaDecoderLayer"):
         check_wrap_classes(config, recipe)
+
+
+def test_other_ranks_load_a_weightless_skeleton(cache_dir):
+    """Ranks other than 0 build the model on the meta device (no host copy); buffers stay real, ties kept."""
+    from launcher.builtin import materialize
+    from launcher.model import load_model
+    from launcher.recipe import ModelConfig
+
+    cfg = ModelConfig(path="builtin:tiny-llama")
+    path = materialize(cfg.path, cache_dir)
+    skeleton = load_model(path, cfg, torch.float32, torch.device("cpu"), weights=False)
+    full = load_model(path, cfg, torch.float32, torch.device("cpu"))
+    assert all(p.is_meta for p in skeleton.parameters())
+    assert [n for n, _ in skeleton.named_parameters()] == [n for n, _ in full.named_parameters()]
+    for (name, b), (_, ref) in zip(skeleton.named_buffers(), full.named_buffers()):
+        assert not b.is_meta and torch.equal(b, ref), name

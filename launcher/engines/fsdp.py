@@ -16,6 +16,7 @@ import torch
 import torch.distributed as torch_dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import distribute_tensor
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from launcher.engines import param_groups
@@ -64,6 +65,20 @@ def _ensure_process_group(dist) -> None:
         torch_dist.init_process_group(backend, store=torch_dist.HashStore(), rank=0, world_size=1)
 
 
+def _fill_from_rank0(model: torch.nn.Module, full: dict, device: torch.device) -> None:
+    """Scatter rank 0's weights into every rank's shards: a node holds one full copy, not one per rank."""
+    if any(p.is_meta for p in model.parameters()):
+        buffers = {name: b for name, b in model.named_buffers()}
+        model.to_empty(device=device)  # storage for this rank's shards only
+        for name, b in buffers.items():  # to_empty drops buffer values; they were real
+            model.get_buffer(name).copy_(b)
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # tied weights appear once, on every rank
+            source = full[name].to(device) if full else torch.empty(param.shape, dtype=param.dtype, device=device)
+            shard = distribute_tensor(source, param.device_mesh, param.placements, src_data_rank=0)
+            param.to_local().copy_(shard.to_local())
+
+
 @dataclass
 class FSDPEngine:
     model: torch.nn.Module
@@ -85,11 +100,15 @@ class FSDPEngine:
             # The worker loads fp32 for FSDP: sharded master weights and optimizer state stay fp32,
             # forward/backward run in bf16, and gradients are reduced in fp32.
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        # Rank 0 holds the loaded weights, other ranks a meta-device skeleton (worker.py).
+        full = model.state_dict() if torch_dist.get_rank() == 0 else {}
         # Bottom-up: each block is its own unit; the root then takes the remaining parameters.
         for module in list(model.modules()):
             if module is not model and type(module).__name__ in wrap:
                 fully_shard(module, **kwargs)
         fully_shard(model, **kwargs)
+        _fill_from_rank0(model, full, dist.device)
+        del full
         # Built after sharding, so the optimizer holds the DTensor shards (its state is sharded too).
         optimizer = torch.optim.AdamW(
             param_groups(model, train_cfg.weight_decay),
