@@ -272,7 +272,10 @@ def run_worker(engine: str, stage, nproc: int, out: Path, cache: Path, timeout: 
         env.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0 or not out.exists():
-        return {"error": (proc.stderr or proc.stdout)[-3000:]}
+        # torchrun's summary comes last; the worker's own traceback is in the [rankN] lines before it.
+        lines = (proc.stderr or proc.stdout).splitlines()
+        cause = [line for line in lines if line.startswith("[rank") and "Warning" not in line]
+        return {"error": "\n".join(cause[-40:] + lines[-15:])}
     return json.loads(out.read_text())
 
 

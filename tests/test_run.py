@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, run_sft
+from conftest import run_sft
 
 QUICKSTART = "recipes/quickstart.yaml"
 

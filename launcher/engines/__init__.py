@@ -40,6 +40,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def adamw(model: torch.nn.Module, train_cfg) -> torch.optim.AdamW:
+    """torch's AdamW from the recipe's train section, the same on every engine (so their numbers agree)."""
+    return torch.optim.AdamW(
+        param_groups(model, train_cfg.weight_decay),
+        lr=train_cfg.lr,
+        betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
+        eps=train_cfg.adam_eps,
+    )
+
+
 def model_init(recipe, dist, accumulation: int) -> contextlib.AbstractContextManager:
     """Where the worker loads the model: ZeRO-3 partitions weights while they are read."""
     if recipe.strategy.backend == "deepspeed":

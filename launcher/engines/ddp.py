@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from launcher.engines import param_groups
+from launcher.engines import adamw
 
 
 @dataclass
@@ -20,12 +20,7 @@ class DDPEngine:
 
     @classmethod
     def create(cls, model: torch.nn.Module, train_cfg, dist) -> "DDPEngine":
-        optimizer = torch.optim.AdamW(
-            param_groups(model, train_cfg.weight_decay),
-            lr=train_cfg.lr,
-            betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
-            eps=train_cfg.adam_eps,
-        )
+        optimizer = adamw(model, train_cfg)
         wrapped = model
         if dist.distributed:
             ids = [dist.device.index] if dist.device.type == "cuda" else None

@@ -18,7 +18,7 @@ from typing import Any, Dict
 
 import torch
 
-from launcher.engines import param_groups
+from launcher.engines import adamw
 from launcher.errors import UserError
 
 # Keys the recipe owns: a user DeepSpeed config may repeat them only with the same value.
@@ -154,10 +154,7 @@ class DeepSpeedEngine:
         import deepspeed
 
         _ensure_process_group(dist)
-        t = recipe.train
-        optimizer = torch.optim.AdamW(
-            param_groups(model, t.weight_decay), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps
-        )
+        optimizer = adamw(model, recipe.train)
         config = make_config(recipe, dist.world_size, accumulation, dist.device.type, model.config.hidden_size)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         # DeepSpeed averages gradients across ranks; the loop's loss is already a global mean.

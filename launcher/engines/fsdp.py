@@ -19,7 +19,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import distribute_tensor
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-from launcher.engines import param_groups
+from launcher.engines import adamw
 from launcher.errors import UserError
 from launcher.model import resolve_dtype
 
@@ -110,12 +110,7 @@ class FSDPEngine:
         _fill_from_rank0(model, full, dist.device)
         del full
         # Built after sharding, so the optimizer holds the DTensor shards (its state is sharded too).
-        optimizer = torch.optim.AdamW(
-            param_groups(model, train_cfg.weight_decay),
-            lr=train_cfg.lr,
-            betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
-            eps=train_cfg.adam_eps,
-        )
+        optimizer = adamw(model, train_cfg)
         # The reduce-scatter averages over ranks (gradient_divide_factor = world); the loop wants the sum.
         return cls(model=model, optimizer=optimizer, grad_scale=float(world))
 
