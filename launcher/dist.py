@@ -61,6 +61,11 @@ def init() -> Dist:
     return Dist(rank=rank, local_rank=local_rank, world_size=world, device=device)
 
 
-def shutdown() -> None:
+def shutdown(synchronise: bool = True) -> None:
+    """Leave the process group. After a success, wait for every rank first: tearing gloo down
+    while a peer is still in a collective aborts that peer (std::terminate). After a failure,
+    don't: the peers may be gone and the barrier would hang until the collective timeout."""
     if torch_dist.is_available() and torch_dist.is_initialized():
+        if synchronise:
+            torch_dist.barrier()
         torch_dist.destroy_process_group()

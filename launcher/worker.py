@@ -99,10 +99,12 @@ def main(argv=None) -> int:
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         dist = dist_mod.init()
+        finished = False
         try:
             run(recipe, dist)
+            finished = True
         finally:
-            dist_mod.shutdown()
+            dist_mod.shutdown(synchronise=finished)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
