@@ -1,8 +1,8 @@
-"""FSDP2 with real ranks (2 gloo processes on CPU): same training as DDP, sharded memory, clear errors."""
+"""FSDP2 with real ranks (2 gloo processes on CPU): same training as DDP, rank-0 loading, clear errors.
+
+That FSDP really shards is measured with the other engines in tests/test_sharding.py."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -58,18 +58,6 @@ def test_fsdp_export_loads_and_matches_ddp(runs):
     ddp_params = dict(models["ddp"].named_parameters())
     worst = max((p - ddp_params[n]).abs().max().item() for n, p in m.named_parameters())
     assert worst < 1e-4, f"final weights differ from ddp by {worst:.2e}"
-
-
-def test_fsdp_shards_parameters_gradients_and_optimizer_state(tmp_path, cache_dir):
-    out = tmp_path / "bytes.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "tests" / "helpers" / "fsdp_bytes.py"), str(out), str(cache_dir)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    held = json.loads(out.read_text())
-    assert min(held["ddp"]) > 0
-    ratio = max(held["fsdp"]) / min(held["ddp"])
-    assert ratio <= 0.55, f"fsdp holds {held['fsdp']} bytes per rank, ddp {held['ddp']}: ratio {ratio:.3f}"
 
 
 def test_unknown_wrap_class_is_a_user_error(tmp_path, cache_dir):
