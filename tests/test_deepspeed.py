@@ -71,3 +71,6 @@ def test_user_deepspeed_config_file_is_merged(tmp_path):
     config = make_config(recipe, world_size=2, accumulation=1, device_type="cpu")
     assert config["zero_optimization"] == {"stage": 3, "overlap_comm": True, "stage3_gather_16bit_weights_on_model_save": True}
     assert config["train_batch_size"] == 32 and config["gradient_clipping"] == 1.0
+    inline = load_recipe(QUICKSTART, ["strategy.backend=deepspeed", "strategy.deepspeed_config={train_batch_size: auto}"])
+    make_config(inline, world_size=2, accumulation=1, device_type="cpu")
+    assert inline.strategy.deepspeed_config == {"train_batch_size": "auto"}  # the recipe is not edited

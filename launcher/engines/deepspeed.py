@@ -20,6 +20,7 @@ import torch
 
 from launcher.engines import adamw
 from launcher.errors import UserError
+from launcher.model import resolve_dtype
 
 # Keys the recipe owns: a user DeepSpeed config may repeat them only with the same value.
 _RECIPE_OWNED = {
@@ -88,14 +89,12 @@ def make_config(recipe, world_size: int, accumulation: int, device_type: str, hi
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
     }
-    dtype = recipe.model.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device_type == "cuda" else "float32"
-    if dtype == "bfloat16":
+    dtype = resolve_dtype(recipe.model.dtype, torch.device(device_type))
+    if dtype == torch.bfloat16:
         config["bf16"] = {"enabled": True}
-    elif dtype == "float16":
+    elif dtype == torch.float16:
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
-    user = _user_config(st.deepspeed_config)
+    user = dict(_user_config(st.deepspeed_config))  # a copy: the recipe's own mapping stays as written
     for key, recipe_key in _RECIPE_OWNED.items():
         if key in user and user[key] not in ("auto", config[key]):
             raise UserError(
