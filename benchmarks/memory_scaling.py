@@ -380,4 +380,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if "--engine" in sys.argv:  # a worker rank: see launcher.dist.exit_process
+        from launcher.dist import exit_process
+
+        exit_process(code or 0)
+    sys.exit(code)

@@ -69,3 +69,14 @@ def shutdown(synchronise: bool = True) -> None:
         if synchronise:
             torch_dist.barrier()
         torch_dist.destroy_process_group()
+
+
+def exit_process(code: int) -> None:
+    """End a worker process without interpreter teardown. After the group is destroyed, the
+    comm libraries' (gloo, DeepSpeed) C++ threads can still be joinable when their destructors
+    run at exit, which calls std::terminate and turns a finished run into SIGABRT."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

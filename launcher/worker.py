@@ -112,4 +112,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from launcher.dist import exit_process
+
+    exit_process(main())

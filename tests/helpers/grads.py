@@ -46,3 +46,4 @@ def main(out: str, micro: int, accum: int, cache: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    dist_mod.exit_process(0)
