@@ -1,4 +1,4 @@
-"""The `sft` command: plan and run (submit and export arrive with Slurm and export support)."""
+"""The `sft` command: plan, run and export (submit arrives with Slurm support)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 USAGE = """sft plan RECIPE [key=value ...]       validate the recipe, data and model; print the plan
-sft run  RECIPE [key=value ...]       train on this machine (--nproc N ranks)"""
+sft run  RECIPE [key=value ...]       train on this machine (--nproc N ranks)
+sft export RUN_DIR_OR_CHECKPOINT --out DIR [--adapter-only] [export.key=value ...]
+                                      write a deployable Hugging Face model, verified"""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,7 +22,25 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--nproc", type=int, help="ranks on this machine (same as launch.nproc_per_node=N)")
         if name == "run":
             s.add_argument("--overwrite", action="store_true", help="delete an earlier run's files in output_dir and start over")
+    e = sub.add_parser("export")
+    e.add_argument("source", help="a run's output_dir (its latest checkpoint) or a checkpoints/step-NNNNNN directory")
+    e.add_argument("overrides", nargs="*", help="overrides of the run's recipe, e.g. export.dtype=bfloat16 or model.path=BASE_DIR")
+    e.add_argument("--out", required=True, help="the directory to write (must not exist or be empty)")
+    e.add_argument("--adapter-only", action="store_true", help="write the LoRA adapter (PEFT format) instead of a merged model")
     return p
+
+
+def _export(args, overrides) -> int:
+    from launcher.export import export
+
+    report = export(Path(args.source), Path(args.out), adapter_only=args.adapter_only, overrides=overrides)
+    kind = "adapter" if report["adapter_only"] else ("merged model" if report["merged"] else "model")
+    print(
+        f"exported {kind} ({report['parameters']:,} parameters, {report['dtype']}) from {report['source_checkpoint']} to {args.out}; "
+        f"max |logit difference| to the trained model {report['max_abs_logit_diff']:.2e} (tolerance {report['tolerance']:.2e})",
+        flush=True,
+    )
+    return 0
 
 
 def main(argv=None) -> int:
@@ -30,13 +50,15 @@ def main(argv=None) -> int:
     stray = [a for a in rest if a.startswith("-") or "=" not in a]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    overrides = list(args.overrides) + rest + ([f"launch.nproc_per_node={args.nproc}"] if args.nproc else [])
+    overrides = list(args.overrides) + rest + ([f"launch.nproc_per_node={args.nproc}"] if getattr(args, "nproc", None) else [])
 
     from launcher.errors import UserError
     from launcher.worker import _quiet_libraries
 
     _quiet_libraries()
     try:
+        if args.command == "export":
+            return _export(args, overrides)
         from launcher.plan import format_plan, make_plan
         from launcher.recipe import load_recipe
 

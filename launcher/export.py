@@ -1,12 +1,28 @@
-"""Write the trained model as a Hugging Face directory that transformers and vLLM load as is."""
+"""`sft export`: a checkpoint becomes a Hugging Face model directory that transformers, peft and
+vLLM load as they are, checked against the model as it was trained.
+
+The flow, on CPU and in one process: rebuild the training-time model from the checkpoint (the
+base plus LoRA adapters, or the full weights consolidated from the engine's shards), take its
+logits on a few stored prompts, merge the adapters (or keep them apart with --adapter-only), cast
+to `export.dtype`, save to a temporary directory, reload that directory the way a server would,
+compare logits, and only then move it to `--out`. Peak memory is about one copy of the model.
+"""
 
 from __future__ import annotations
 
+import gc
+import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Optional, Sequence
 
+import torch
 from transformers import GenerationConfig
+
+from launcher import checkpoint
+from launcher.errors import UserError
+from launcher.model import DTYPES, add_lora, load_model, load_tokenizer, materialize_on_cpu
 
 
 def end_of_turn_ids(tokenizer, model_config) -> list:
@@ -24,19 +40,154 @@ def end_of_turn_ids(tokenizer, model_config) -> list:
     return sorted(set(ids))
 
 
-def save_final(module, state_dict: dict, tokenizer, out_dir: Path) -> Path:
-    """Save model + tokenizer to out_dir via a temporary directory, so a crash never leaves half a model."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    base = module.generation_config if module.generation_config is not None else GenerationConfig()
-    base.eos_token_id = end_of_turn_ids(tokenizer, module.config)
-    base.pad_token_id = tokenizer.pad_token_id
-    module.generation_config = base
-    module.config.use_cache = True  # we turned it off for training; serving wants it
-    module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    return out_dir
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out} already exists and is not empty. Nothing was written; choose a new directory or empty it first.")
+
+
+def _check_base(base: Path, hf: Path, ckpt: Path) -> None:
+    """A LoRA checkpoint needs the base it was trained on: same architecture and shapes."""
+    from transformers import AutoConfig
+
+    if not (base / "config.json").is_file():
+        raise UserError(
+            f"the base model of LoRA checkpoint {ckpt} is missing: {base} has no config.json. Put the base model "
+            "back at that path (or pass model.path=DIR to `sft export` to name where it is now)."
+        )
+    trained, found = AutoConfig.from_pretrained(hf), AutoConfig.from_pretrained(base)
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size", "num_attention_heads")
+    diff = [k for k in keys if getattr(trained, k, None) != getattr(found, k, None)]
+    if diff:
+        k = diff[0]
+        raise UserError(
+            f"the base model at {base} is not the one LoRA checkpoint {ckpt} was trained on: {k} is "
+            f"{getattr(found, k, None)!r} there but {getattr(trained, k, None)!r} in the checkpoint. Point model.path at the original base."
+        )
+
+
+def trained_model(ckpt: Path, recipe, state: dict, base: Path) -> torch.nn.Module:
+    """The model as trained, on CPU: base (training dtype) + fp32 adapters, or full weights in fp32."""
+    hf = ckpt / "hf"
+    if state["lora"]:
+        _check_base(base, hf, ckpt)
+        model = add_lora(load_model(base, recipe.model, DTYPES[state["train_dtype"]], torch.device("cpu")), recipe.lora)
+    else:
+        # Weights come from the checkpoint: build an empty skeleton from its config, in fp32 (the master copy).
+        model = load_model(hf, recipe.model, torch.float32, torch.device("cpu"), weights=False)
+        materialize_on_cpu(model)
+    checkpoint.load_weights(ckpt, model)
+    if not state["lora"]:
+        model.tie_weights()
+    return model.eval()
+
+
+@torch.no_grad()
+def logits(model, prompts: Sequence[Sequence[int]]) -> list:
+    return [model(input_ids=torch.tensor([ids])).logits[0].float() for ids in prompts]
+
+
+def _tolerance(recipe, dtype: torch.dtype, reference: list) -> float:
+    if recipe.export.verify_tolerance is not None:
+        return recipe.export.verify_tolerance
+    if dtype == torch.float32:
+        return 1e-3
+    return 0.05 * max(float(r.abs().max()) for r in reference)  # 16-bit rounding of every weight
+
+
+def _save_merged(model, lora: bool, dtype: torch.dtype, tokenizer, hf: Path, tmp: Path, max_shard_size: str):
+    if lora:
+        model = model.merge_and_unload()
+    model = model.to(dtype)
+    model.config.use_cache = True  # turned off for training; serving wants it
+    generation = GenerationConfig.from_pretrained(hf) if (hf / "generation_config.json").is_file() else GenerationConfig()
+    generation.eos_token_id = end_of_turn_ids(tokenizer, model.config)
+    generation.pad_token_id = tokenizer.pad_token_id
+    model.generation_config = generation
+    model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _save_adapter(model, dtype: torch.dtype, base: Path, tmp: Path) -> int:
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.to(dtype)
+    model.peft_config["default"].base_model_name_or_path = str(base)  # where servers find the base
+    model.save_pretrained(tmp, safe_serialization=True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _reload(tmp: Path, adapter_only: bool, base: Path, dtype: torch.dtype, train_dtype: torch.dtype, trust_remote_code: bool):
+    """Load the written directory as a server would: plain transformers, or base + PeftModel."""
+    from transformers import AutoModelForCausalLM
+
+    if not adapter_only:
+        return AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, trust_remote_code=trust_remote_code).eval()
+    from peft import PeftModel
+
+    base_model = AutoModelForCausalLM.from_pretrained(base, dtype=train_dtype, trust_remote_code=trust_remote_code)
+    return PeftModel.from_pretrained(base_model, tmp).eval()
+
+
+def export(source: Path, out: Path, adapter_only: bool = False, overrides: Optional[Sequence[str]] = None) -> dict:
+    """Export a run dir's latest checkpoint (or the checkpoint named) to `out`. Returns export.json's content."""
+    from launcher.recipe import load_recipe
+
+    out = Path(out)
+    ckpt = checkpoint.resolve(Path(source))
+    _check_out(out)
+    state = checkpoint.read_state(ckpt)
+    recipe = load_recipe(ckpt / "recipe.yaml", list(overrides or []))
+    if adapter_only and not state["lora"]:
+        raise UserError(f"--adapter-only: checkpoint {ckpt} is from a full fine-tuning run (lora.enabled was false); it has no adapter. Export without --adapter-only.")
+    # model.path=... on the command line names where the base lives now; otherwise it is where training found it.
+    base = Path(state["base_model"])
+    if any(o.startswith("model.path=") for o in overrides or []):
+        from launcher.cache import cache_root
+        from launcher.model import model_dir
+
+        base = model_dir(recipe.model, cache_root(recipe.data.cache_dir)).resolve()
+    train_dtype = DTYPES[state["train_dtype"]]
+    dtype = train_dtype if recipe.export.dtype == "auto" else DTYPES[recipe.export.dtype]
+    tokenizer = load_tokenizer(ckpt / "hf", recipe.model)
+    prompts = json.loads((ckpt / "verify_prompts.json").read_text())
+
+    model = trained_model(ckpt, recipe, state, base)
+    reference = logits(model, prompts)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        if adapter_only:
+            params = _save_adapter(model, dtype, base, tmp)
+        else:
+            params = _save_merged(model, state["lora"], dtype, tokenizer, ckpt / "hf", tmp, recipe.export.max_shard_size)
+        tokenizer.save_pretrained(tmp)
+        del model
+        gc.collect()
+        exported = _reload(tmp, adapter_only, base, dtype, train_dtype, recipe.model.trust_remote_code)
+        diff = max(float((a - b).abs().max()) for a, b in zip(logits(exported, prompts), reference))
+        del exported
+        tolerance = _tolerance(recipe, dtype, reference)
+        report = {
+            "source_checkpoint": str(ckpt.resolve()),
+            "step": state["step"],
+            "merged": bool(state["lora"] and not adapter_only),
+            "adapter_only": adapter_only,
+            "dtype": str(dtype).removeprefix("torch."),
+            "parameters": params,
+            "max_abs_logit_diff": diff,
+            "tolerance": tolerance,
+            "verify_prompts": len(prompts),
+        }
+        if not diff <= tolerance:
+            raise UserError(
+                f"export check failed: the exported model's logits differ from the trained model's by {diff:.3g} "
+                f"(tolerance {tolerance:.3g}, dtype {report['dtype']}). Nothing was written to {out}. Try export.dtype=float32, "
+                "or raise export.verify_tolerance if the difference is expected."
+            )
+        (tmp / "export.json").write_text(json.dumps(report, indent=2) + "\n")
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return report

@@ -70,7 +70,59 @@ def load_model(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.d
         for module in model.modules():  # parameters stay on meta; buffers go where training runs
             for name, buf in module.named_buffers(recurse=False):
                 module._buffers[name] = buf.to(device)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False  # the KV cache is for generation, not training
     return model
+
+
+def lora_config(lora):
+    """peft's LoraConfig for the recipe's `lora` section."""
+    from peft import LoraConfig
+
+    targets = list(lora.target_modules)
+    return LoraConfig(
+        task_type="CAUSAL_LM",
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        modules_to_save=list(lora.modules_to_save) or None,
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
+    )
+
+
+def add_lora(model, lora, adapter_dtype_follows_base: bool = False):
+    """Wrap `model` with fresh LoRA adapters; only they (and modules_to_save) stay trainable.
+
+    peft keeps adapters in fp32 over a bf16 base by default, which is right when the engine
+    trains the module as it is (ddp, fsdp). DeepSpeed casts the module to the training dtype and
+    keeps its own fp32 master copy, and under ZeRO-3 fp32 adapters meet bf16 activations
+    (dtype errors), so there the adapters follow the base dtype (adapter_dtype_follows_base)."""
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, lora_config(lora), autocast_adapter_dtype=not adapter_dtype_follows_base)
+    except ValueError as e:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise UserError(
+            f"lora.target_modules / lora.modules_to_save: {str(e).splitlines()[0]} "
+            f"The model's linear layers are named: {', '.join(linear)}. Use some of those, or [all-linear]."
+        ) from None
+
+
+def enable_gradient_checkpointing(model, reentrant: bool) -> None:
+    """Recompute activations in backward. With LoRA the embeddings are frozen, so the checkpointed
+    blocks' inputs need requires_grad, or reentrant checkpointing would drop the adapters' gradients."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if reentrant:
+        model.enable_input_require_grads()
+
+
+def materialize_on_cpu(model) -> None:
+    """Give a meta-device skeleton (load_model(weights=False)) real, uninitialised CPU storage,
+    keeping its buffers' values (to_empty would drop them)."""
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    model.to_empty(device="cpu")
+    for name, b in buffers.items():
+        model.get_buffer(name).copy_(b)
+    model.tie_weights()

@@ -8,7 +8,6 @@ file (or the override) that caused it.
 from __future__ import annotations
 
 import difflib
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -55,7 +54,19 @@ class TaskConfig:
 
 @dataclass
 class LoraConfig:
+    # train low-rank adapters (peft) instead of every weight; the base stays frozen
     enabled: bool = False
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    # module names (e.g. [q_proj, v_proj]) or [all-linear]: every linear layer but the output head
+    target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
+    # modules trained in full next to the adapters (e.g. [lm_head], or a new classification head)
+    modules_to_save: List[str] = field(default_factory=list)
+    # rsLoRA: scale by alpha/sqrt(r) instead of alpha/r
+    use_rslora: bool = False
+    # DoRA: weight-decomposed LoRA (slower; adds a magnitude vector per adapted layer)
+    use_dora: bool = False
 
 
 @dataclass
@@ -104,13 +115,25 @@ class StrategyConfig:
 
 @dataclass
 class CheckpointConfig:
-    pass
+    # save every N optimizer steps (0: only at the end); the end of training always saves
+    every_steps: int = 0
+    # complete checkpoints kept; older ones are removed once a newer one is complete
+    keep_last: int = 2
 
 
 @dataclass
 class ExportConfig:
-    # write the trained model to output_dir/final when training finishes
+    # export the last checkpoint to output_dir/final when training finishes
     on_finish: bool = True
+    # auto: the training dtype (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16
+    dtype: str = "auto"
+    # safetensors files are split at this size (transformers' notation: 5GB, 500MB)
+    max_shard_size: str = "5GB"
+    # how many eval (or train) sequences the export's logit check runs
+    verify_prompts: int = 4
+    # largest allowed |logit difference| to the training-time model; auto: 1e-3 for float32,
+    # 5% of the largest |logit| for 16-bit exports (rounding the weights moves logits that much)
+    verify_tolerance: Optional[float] = None
 
 
 @dataclass
@@ -236,90 +259,11 @@ def load_recipe(path: str | Path, overrides: Optional[List[str]] = None) -> Reci
         raise RecipeError(f"{path}: could not resolve `{getattr(e, 'full_key', '')}`: {str(e).splitlines()[0]}.") from None
     except oc_errors.ValidationError as e:
         raise RecipeError(_type_message(str(path), e)) from None
+    from launcher.recipe_checks import validate
+
     validate(recipe)
     return recipe
 
 
-_CHOICES = {
-    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
-    "data.format": ("messages", "alpaca", "completion", "text"),
-    "data.too_long": ("truncate", "drop", "error"),
-    "task.type": ("sft",),
-    "strategy.backend": ("ddp", "fsdp", "deepspeed"),
-}
-
-
-def _get(recipe: Recipe, dotted: str):
-    obj: Any = recipe
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def validate(recipe: Recipe) -> None:
-    """Checks on values alone (no files, no model): the rest is in plan.py."""
-    for key, choices in _CHOICES.items():
-        value = _get(recipe, key)
-        if value not in choices:
-            raise RecipeError(f"`{key}: {value}` is not one of {', '.join(choices)}.")
-    positive = ["train.micro_batch_size", "data.max_seq_len", "launch.nproc_per_node", "logging.every_steps"]
-    for key in positive:
-        if _get(recipe, key) < 1:
-            raise RecipeError(f"`{key}` must be at least 1, got {_get(recipe, key)}.")
-    t = recipe.train
-    from transformers import SchedulerType  # the names transformers.get_scheduler accepts
-
-    schedulers = [s.value for s in SchedulerType]
-    if t.lr_scheduler not in schedulers:
-        raise RecipeError(f"`train.lr_scheduler: {t.lr_scheduler}` is not one of {', '.join(schedulers)}.")
-    if t.gradient_accumulation_steps is not None and t.global_batch_size is not None:
-        raise RecipeError("Set only one of `train.gradient_accumulation_steps` and `train.global_batch_size`: the other follows from micro batch and world size.")
-    if t.gradient_accumulation_steps is not None and t.gradient_accumulation_steps < 1:
-        raise RecipeError(f"`train.gradient_accumulation_steps` must be at least 1, got {t.gradient_accumulation_steps}.")
-    if t.max_steps <= 0 and t.epochs <= 0:
-        raise RecipeError("Training would run no step: set `train.epochs` > 0 or `train.max_steps` > 0.")
-    if not 0.0 <= recipe.data.eval_fraction < 1.0:
-        raise RecipeError(f"`data.eval_fraction` must be in [0, 1), got {recipe.data.eval_fraction}.")
-    if recipe.data.eval_files and recipe.data.eval_fraction > 0:
-        raise RecipeError("Set either `data.eval_files` or `data.eval_fraction`, not both.")
-    if not 0.0 <= t.warmup_ratio < 1.0:
-        raise RecipeError(f"`train.warmup_ratio` must be in [0, 1), got {t.warmup_ratio}.")
-    st = recipe.strategy
-    if recipe.model.dtype == "float16" and st.backend != "deepspeed":
-        raise RecipeError(
-            f"`model.dtype: float16` with `strategy.backend: {st.backend}` would train without loss scaling, so small "
-            "gradients underflow. Use bfloat16, or strategy.backend=deepspeed (dynamic loss scaling)."
-        )
-    if st.zero_stage not in (0, 1, 2, 3):
-        raise RecipeError(f"`strategy.zero_stage: {st.zero_stage}` is not a ZeRO stage; use 0, 1, 2 or 3.")
-    if st.backend == "deepspeed" and st.offload_params and st.zero_stage != 3:
-        raise RecipeError(f"`strategy.offload_params: true` needs `strategy.zero_stage: 3` (got {st.zero_stage}): only stage 3 partitions parameters.")
-    if st.backend == "deepspeed" and st.offload_optimizer and st.zero_stage == 0:
-        raise RecipeError("`strategy.offload_optimizer: true` needs `strategy.zero_stage` 1, 2 or 3: stage 0 does not partition the optimizer.")
-    if recipe.lora.enabled:
-        raise RecipeError("`lora.enabled: true` is not available in this version yet; set it to false.")
-
-
-# Keys whose values are secrets, and values that look like well-known token formats.
-_SECRET_KEY = re.compile(r"(?i)(^|_)(token|secret|passw(or)?d|api_?key|access_?key|private_?key|credentials?|auth)$|^(hf|wandb|github|gh)_?token$")
-_SECRET_VALUE = re.compile(r"^(hf_[A-Za-z0-9]{16,}|sk-[A-Za-z0-9_-]{16,}|gh[pousr]_[A-Za-z0-9]{20,}|xox[bp]-[A-Za-z0-9-]{10,})$")
-REDACTED = "***REDACTED***"
-
-
-def _redact(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {k: (REDACTED if isinstance(v, str) and _SECRET_KEY.search(str(k)) else _redact(v)) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_redact(v) for v in node]
-    if isinstance(node, str) and _SECRET_VALUE.match(node):
-        return REDACTED
-    return node
-
-
 def to_dict(recipe: Recipe) -> Dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(recipe), resolve=True)
-
-
-def to_yaml(recipe: Recipe, redact: bool = True) -> str:
-    data = to_dict(recipe)
-    return OmegaConf.to_yaml(OmegaConf.create(_redact(data) if redact else data))

@@ -2,16 +2,41 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
 import yaml
 
 from launcher.errors import UserError
-from launcher.recipe import Recipe, to_dict, to_yaml
+from omegaconf import OmegaConf
+
+from launcher.recipe import Recipe, to_dict
 
 # What a run writes; `--overwrite` removes only these.
 RUN_FILES = ("recipe.yaml", "metrics.jsonl", "logs", "final", "checkpoints", "plan.txt")
+
+
+# Keys whose values are secrets, and values that look like well-known token formats.
+_SECRET_KEY = re.compile(r"(?i)(^|_)(token|secret|passw(or)?d|api_?key|access_?key|private_?key|credentials?|auth)$|^(hf|wandb|github|gh)_?token$")
+_SECRET_VALUE = re.compile(r"^(hf_[A-Za-z0-9]{16,}|sk-[A-Za-z0-9_-]{16,}|gh[pousr]_[A-Za-z0-9]{20,}|xox[bp]-[A-Za-z0-9-]{10,})$")
+REDACTED = "***REDACTED***"
+
+
+def _redact(node):
+    if isinstance(node, dict):
+        return {k: (REDACTED if isinstance(v, str) and _SECRET_KEY.search(str(k)) else _redact(v)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_redact(v) for v in node]
+    if isinstance(node, str) and _SECRET_VALUE.match(node):
+        return REDACTED
+    return node
+
+
+def to_yaml(recipe: Recipe, redact: bool = True) -> str:
+    """The resolved recipe as YAML; secrets are replaced so a run dir can be shared."""
+    data = to_dict(recipe)
+    return OmegaConf.to_yaml(OmegaConf.create(_redact(data) if redact else data))
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list:
@@ -21,7 +46,7 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list:
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
             out += _differences(a, b, f"{prefix}{k}.")
-        elif a != b and a != "***REDACTED***":
+        elif a != b and a != REDACTED:
             out.append(f"{prefix}{k}")
     return out
 

@@ -92,8 +92,10 @@ def train_step(engine, batches: list, dist, max_grad_norm: float) -> dict:
     return stats
 
 
-def train(recipe, engine, dist, prepared, schedule: Schedule, tokenizer, run_dir) -> dict:
+def train(recipe, engine, dist, prepared, schedule: Schedule, tokenizer, run_dir, save_checkpoint) -> dict:
+    """`save_checkpoint(step)` is collective; it runs every checkpoint.every_steps steps and after the last."""
     t = recipe.train
+    every = recipe.checkpoint.every_steps
     scheduler = get_scheduler(t.lr_scheduler, engine.optimizer, num_warmup_steps=schedule.warmup_steps, num_training_steps=schedule.total_steps)
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main)
     console = Console(schedule.total_steps, enabled=dist.is_main)
@@ -141,6 +143,8 @@ def train(recipe, engine, dist, prepared, schedule: Schedule, tokenizer, run_dir
             console.step(done, row, eta_s=elapsed / done * (schedule.total_steps - done))
         if t.eval_every and done % t.eval_every == 0 and done != schedule.total_steps:
             run_eval(done)
+        if (every and done % every == 0) or done == schedule.total_steps:
+            save_checkpoint(done)
     final_eval = run_eval(schedule.total_steps)
     console.close()
     return {"first_eval": first_eval, "final_eval": final_eval, "final_loss": last.get("loss")}

@@ -8,9 +8,13 @@ Rank and world come from the environment torchrun sets.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import sys
 from pathlib import Path
+
+from launcher import checkpoint
 
 # Set by `sft run`: the launcher has already checked the run dir and saved the recipe.
 LAUNCHED_ENV = "SFT_LAUNCHED"
@@ -33,8 +37,7 @@ def run(recipe, dist) -> dict:
     from launcher import engines, rundir
     from launcher.cache import cache_root
     from launcher.data.prepare import prepare
-    from launcher.export import save_final
-    from launcher.model import load_model, load_tokenizer, model_dir, resolve_dtype
+    from launcher.model import add_lora, enable_gradient_checkpointing, load_model, load_tokenizer, model_dir, resolve_dtype
     from launcher.train import make_schedule, train
 
     set_seed(recipe.seed)
@@ -54,23 +57,53 @@ def run(recipe, dist) -> dict:
     schedule = make_schedule(recipe.train, recipe.seed, recipe.data.shuffle, len(prepared.train), dist.world_size)
 
     accumulation = schedule.batches.accumulation
+    st = recipe.strategy
+    deepspeed = st.backend == "deepspeed"
     with engines.model_init(recipe, dist, accumulation):
         # FSDP keeps fp32 master weights and casts to the compute dtype itself (MixedPrecisionPolicy).
-        fsdp = recipe.strategy.backend == "fsdp"
+        fsdp = st.backend == "fsdp"
         dtype = torch.float32 if fsdp else resolve_dtype(recipe.model.dtype, dist.device)
         # FSDP: only rank 0 reads the weights; it scatters them into the shards after wrapping.
-        model = load_model(path, recipe.model, dtype, dist.device, weights=not fsdp or dist.rank == 0)
+        hf_model = load_model(path, recipe.model, dtype, dist.device, weights=not fsdp or dist.rank == 0)
+        if recipe.model.gradient_checkpointing:
+            # peft + ZeRO-3 + non-reentrant checkpointing raises CheckpointError (DESIGN.md, known traps).
+            enable_gradient_checkpointing(hf_model, reentrant=recipe.lora.enabled and deepspeed and st.zero_stage == 3)
+        model = add_lora(hf_model, recipe.lora, adapter_dtype_follows_base=deepspeed) if recipe.lora.enabled else hf_model
     engine = engines.build(recipe, model, dist, accumulation)
-    result = train(recipe, engine, dist, prepared, schedule, tokenizer, run_dir)
 
-    if recipe.export.on_finish:
-        state = engine.full_state_dict()
-        if dist.is_main:
-            save_final(engine.unwrapped(), state, tokenizer, run_dir / "final")
-        dist.barrier()
-    if dist.is_main:
-        _summary(result, run_dir, recipe.export.on_finish)
-    return result
+    verify_rows = prepared.eval if prepared.eval is not None else prepared.train
+    verify_ids = [list(ids[:256]) for ids in verify_rows.select(range(min(len(verify_rows), recipe.export.verify_prompts)))["input_ids"]]
+    meta = {
+        "total_steps": schedule.total_steps,
+        "backend": st.backend,
+        "zero_stage": st.zero_stage if deepspeed else None,
+        "lora": recipe.lora.enabled,
+        "train_dtype": str(resolve_dtype(recipe.model.dtype, dist.device)).removeprefix("torch."),
+        "base_model": str(Path(path).resolve()),
+    }
+
+    def write_extras(directory: Path) -> None:
+        shutil.copyfile(run_dir / "recipe.yaml", directory / "recipe.yaml")
+        hf_model.config.save_pretrained(directory / "hf")
+        if hf_model.generation_config is not None:
+            hf_model.generation_config.save_pretrained(directory / "hf")
+        tokenizer.save_pretrained(directory / "hf")
+        (directory / "verify_prompts.json").write_text(json.dumps(verify_ids))
+
+    def save_checkpoint(step: int) -> None:
+        checkpoint.save(engine, run_dir, step, dist, recipe.checkpoint.keep_last, meta, write_extras)
+
+    return train(recipe, engine, dist, prepared, schedule, tokenizer, run_dir, save_checkpoint)
+
+
+def export_final(recipe) -> Path:
+    """After training, on rank 0 alone: the latest checkpoint becomes output_dir/final."""
+    from launcher.export import export
+
+    run_dir = Path(recipe.output_dir)
+    out = run_dir / "final"
+    export(checkpoint.resolve(run_dir), out)
+    return out
 
 
 def _summary(result: dict, run_dir: Path, exported: bool) -> None:
@@ -101,10 +134,18 @@ def main(argv=None) -> int:
         dist = dist_mod.init()
         finished = False
         try:
-            run(recipe, dist)
+            result = run(recipe, dist)
             finished = True
         finally:
             dist_mod.shutdown(synchronise=finished)
+        if dist.is_main:
+            # Export runs after the group is gone: a long export must not hit a peer's collective timeout.
+            import gc
+
+            gc.collect()  # the engine's shards and optimizer state are unreachable by now
+            if recipe.export.on_finish:
+                export_final(recipe)
+            _summary(result, Path(recipe.output_dir), recipe.export.on_finish)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

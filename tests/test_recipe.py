@@ -3,7 +3,8 @@
 import pytest
 
 from launcher.errors import RecipeError
-from launcher.recipe import load_recipe, to_yaml
+from launcher.recipe import load_recipe
+from launcher.rundir import to_yaml
 
 
 @pytest.fixture

@@ -30,6 +30,8 @@ class Engine(Protocol):
 
     def full_state_dict(self) -> dict: ...
 
+    def save_checkpoint(self, path) -> None: ...
+
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
     """AdamW groups: no weight decay on biases and norm weights (1-D tensors), as is standard."""
@@ -48,6 +50,16 @@ def adamw(model: torch.nn.Module, train_cfg) -> torch.optim.AdamW:
         betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
         eps=train_cfg.adam_eps,
     )
+
+
+def dcp_save(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path) -> None:
+    """ddp and fsdp checkpoints: torch DCP writes each rank's shards (replicated tensors once) in
+    parallel and reshards on load. Frozen parameters (a LoRA base) are not saved."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path))
 
 
 def model_init(recipe, dist, accumulation: int) -> contextlib.AbstractContextManager:

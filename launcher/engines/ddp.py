@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from launcher.engines import adamw
+from launcher.engines import adamw, dcp_save
 
 
 @dataclass
@@ -48,3 +48,6 @@ class DDPEngine:
 
     def full_state_dict(self) -> dict:
         return self._module.state_dict()
+
+    def save_checkpoint(self, path) -> None:
+        dcp_save(self.model, self.optimizer, path)

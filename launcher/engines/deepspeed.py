@@ -182,3 +182,7 @@ class DeepSpeedEngine:
             return {k: v.cpu() for k, v in (state or {}).items()}
         return {k: v.detach().cpu() for k, v in self.model.module.state_dict().items()}
 
+    def save_checkpoint(self, path) -> None:
+        # Our own COMPLETE marker commits the checkpoint (DeepSpeed's `latest` is written by rank 0
+        # before the other ranks finish); frozen weights (a LoRA base) are not copied.
+        self.model.save_checkpoint(str(path), tag="deepspeed", client_state={}, save_latest=False, exclude_frozen_parameters=True)

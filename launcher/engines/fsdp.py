@@ -19,7 +19,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import distribute_tensor
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-from launcher.engines import adamw
+from launcher.engines import adamw, dcp_save
 from launcher.errors import UserError
 from launcher.model import resolve_dtype
 
@@ -151,3 +151,6 @@ class FSDPEngine:
             if name in state:
                 state[name] = state[first.setdefault(id(param), name)]
         return state
+
+    def save_checkpoint(self, path) -> None:
+        dcp_save(self.model, self.optimizer, path)

@@ -1,0 +1,89 @@
+"""Checks on a recipe's values alone (no files, no model, no GPU); plan.py does the rest."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from launcher.errors import RecipeError
+from launcher.recipe import Recipe
+
+_CHOICES = {
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "data.format": ("messages", "alpaca", "completion", "text"),
+    "data.too_long": ("truncate", "drop", "error"),
+    "task.type": ("sft",),
+    "strategy.backend": ("ddp", "fsdp", "deepspeed"),
+    "export.dtype": ("auto", "float32", "bfloat16", "float16"),
+}
+
+
+def _get(recipe: Recipe, dotted: str):
+    obj: Any = recipe
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(recipe: Recipe) -> None:
+    for key, choices in _CHOICES.items():
+        value = _get(recipe, key)
+        if value not in choices:
+            raise RecipeError(f"`{key}: {value}` is not one of {', '.join(choices)}.")
+    positive = ["train.micro_batch_size", "data.max_seq_len", "launch.nproc_per_node", "logging.every_steps"]
+    for key in positive:
+        if _get(recipe, key) < 1:
+            raise RecipeError(f"`{key}` must be at least 1, got {_get(recipe, key)}.")
+    t = recipe.train
+    from transformers import SchedulerType  # the names transformers.get_scheduler accepts
+
+    schedulers = [s.value for s in SchedulerType]
+    if t.lr_scheduler not in schedulers:
+        raise RecipeError(f"`train.lr_scheduler: {t.lr_scheduler}` is not one of {', '.join(schedulers)}.")
+    if t.gradient_accumulation_steps is not None and t.global_batch_size is not None:
+        raise RecipeError("Set only one of `train.gradient_accumulation_steps` and `train.global_batch_size`: the other follows from micro batch and world size.")
+    if t.gradient_accumulation_steps is not None and t.gradient_accumulation_steps < 1:
+        raise RecipeError(f"`train.gradient_accumulation_steps` must be at least 1, got {t.gradient_accumulation_steps}.")
+    if t.max_steps <= 0 and t.epochs <= 0:
+        raise RecipeError("Training would run no step: set `train.epochs` > 0 or `train.max_steps` > 0.")
+    if not 0.0 <= recipe.data.eval_fraction < 1.0:
+        raise RecipeError(f"`data.eval_fraction` must be in [0, 1), got {recipe.data.eval_fraction}.")
+    if recipe.data.eval_files and recipe.data.eval_fraction > 0:
+        raise RecipeError("Set either `data.eval_files` or `data.eval_fraction`, not both.")
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        raise RecipeError(f"`train.warmup_ratio` must be in [0, 1), got {t.warmup_ratio}.")
+    st = recipe.strategy
+    if recipe.model.dtype == "float16" and st.backend != "deepspeed":
+        raise RecipeError(
+            f"`model.dtype: float16` with `strategy.backend: {st.backend}` would train without loss scaling, so small "
+            "gradients underflow. Use bfloat16, or strategy.backend=deepspeed (dynamic loss scaling)."
+        )
+    if st.zero_stage not in (0, 1, 2, 3):
+        raise RecipeError(f"`strategy.zero_stage: {st.zero_stage}` is not a ZeRO stage; use 0, 1, 2 or 3.")
+    if st.backend == "deepspeed" and st.offload_params and st.zero_stage != 3:
+        raise RecipeError(f"`strategy.offload_params: true` needs `strategy.zero_stage: 3` (got {st.zero_stage}): only stage 3 partitions parameters.")
+    if st.backend == "deepspeed" and st.offload_optimizer and st.zero_stage == 0:
+        raise RecipeError("`strategy.offload_optimizer: true` needs `strategy.zero_stage` 1, 2 or 3: stage 0 does not partition the optimizer.")
+    lora = recipe.lora
+    if lora.enabled:
+        if lora.r < 1 or lora.alpha <= 0 or not 0.0 <= lora.dropout < 1.0:
+            raise RecipeError(f"`lora`: r must be >= 1, alpha > 0 and dropout in [0, 1); got r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}.")
+        if not lora.target_modules:
+            raise RecipeError("`lora.target_modules` is empty: name the modules to adapt (e.g. [q_proj, v_proj]) or use [all-linear].")
+        if "all-linear" in lora.target_modules and len(lora.target_modules) > 1:
+            raise RecipeError("`lora.target_modules`: `all-linear` already selects every linear layer; give it alone or list names instead.")
+    ck = recipe.checkpoint
+    if ck.every_steps < 0 or ck.keep_last < 1:
+        raise RecipeError(f"`checkpoint.every_steps` must be >= 0 and `checkpoint.keep_last` >= 1; got {ck.every_steps} and {ck.keep_last}.")
+    ex = recipe.export
+    if ex.verify_prompts < 1 or (ex.verify_tolerance is not None and ex.verify_tolerance < 0):
+        raise RecipeError("`export.verify_prompts` must be >= 1 and `export.verify_tolerance` >= 0 (or unset for auto).")
+    _check_size("export.max_shard_size", ex.max_shard_size)
+
+
+def _check_size(key: str, value: str) -> None:
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        convert_file_size_to_int(value)
+    except (ValueError, TypeError):
+        raise RecipeError(f"`{key}: {value}` is not a size; write it like 5GB, 500MB or 2GiB.") from None
