@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -155,6 +156,9 @@ def export(source: Path, out: Path, adapter_only: bool = False, overrides: Optio
     reference = logits(model, prompts)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; a server running as another user must read it
     try:
         if adapter_only:
             params = _save_adapter(model, dtype, base, tmp)

@@ -28,6 +28,7 @@ class Plan:
     model_path: Path
     architecture: str
     params: int
+    trainable: "int | None"  # LoRA: adapters and modules_to_save; None for full fine-tuning
     dtype: str
     end_of_turn: str
     world_size: int
@@ -71,6 +72,19 @@ def check_strategy(recipe: Recipe, accumulation: int) -> None:
         make_config(recipe, recipe.launch.nproc_per_node, accumulation, "cuda" if gpu else "cpu")
 
 
+def check_lora(config, recipe: Recipe) -> int:
+    """Apply the recipe's LoRA to a weightless copy of the model: unknown target modules fail here,
+    not in the workers. Returns the number of trainable parameters."""
+    from transformers import AutoModelForCausalLM
+
+    from launcher.model import add_lora
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+        model = add_lora(model, recipe.lora)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def make_plan(recipe: Recipe) -> Plan:
     cache = cache_root(recipe.data.cache_dir)
     path = model_dir(recipe.model, cache)
@@ -101,11 +115,13 @@ def make_plan(recipe: Recipe) -> Plan:
         from launcher.engines.fsdp import check_wrap_classes
 
         check_wrap_classes(config, recipe)
+    trainable = check_lora(config, recipe) if recipe.lora.enabled else None
     lengths = prepared.train.select(range(min(len(prepared.train), 2000)))["input_ids"]
     return Plan(
         model_path=path,
         architecture=(config.architectures or [config.model_type])[0],
         params=_count_params(config),
+        trainable=trainable,
         dtype=recipe.model.dtype,
         end_of_turn=end_of_turn,
         world_size=world,
@@ -132,14 +148,25 @@ def _strategy(recipe: Recipe) -> str:
     return st.backend
 
 
+def _lora(recipe: Recipe, plan: Plan) -> str:
+    if plan.trainable is None:
+        return "off (full fine-tuning: every weight is trained)"
+    lo = recipe.lora
+    variant = "".join([", rsLoRA" if lo.use_rslora else "", ", DoRA" if lo.use_dora else ""])
+    return (f"r {lo.r}, alpha {lo.alpha:g}, dropout {lo.dropout:g} on {', '.join(lo.target_modules)}{variant}: "
+            f"{plan.trainable / 1e6:.2f}M trainable parameters ({100 * plan.trainable / plan.params:.2f}% of the model)")
+
+
 def format_plan(plan: Plan, recipe: Recipe) -> str:
     s, b = plan.schedule, plan.schedule.batches
     bytes_per = 2 if plan.dtype in ("bfloat16", "float16") else 4
-    # weights + gradients + two AdamW moments, all in the parameter dtype (DDP: per rank, unsharded)
-    state = plan.params * bytes_per * 4
+    # weights + gradients + two AdamW moments of what is trained, in the parameter dtype (DDP: per rank, unsharded)
+    trained = plan.params if plan.trainable is None else plan.trainable
+    state = plan.params * bytes_per + trained * bytes_per * 3
     lines = [
         f"model        {recipe.model.path} ({plan.architecture}, {plan.params / 1e6:.2f}M parameters, dtype {plan.dtype})",
         f"             end-of-turn token {plan.end_of_turn!r} is trained so the model learns to stop",
+        f"lora         {_lora(recipe, plan)}",
         f"strategy     {_strategy(recipe)}, world size {plan.world_size} ({recipe.launch.nproc_per_node} per node)",
         f"batch        micro {b.micro_batch_size} x accumulation {b.accumulation} x {b.world_size} ranks = global {b.global_batch} sequences"
         f" (~{b.global_batch * plan.mean_tokens:,.0f} tokens, mean {plan.mean_tokens:.0f} per sequence)",

@@ -59,6 +59,12 @@ def dcp_save(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path) -> 
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    module = getattr(model, "module", model)  # DDP's wrapper adds no names to the state dict
+    params = dict(module.named_parameters(remove_duplicate=False))
+    if not all(p.requires_grad for p in params.values()):
+        # ignore_frozen_params misses a frozen weight tied to another (lm_head = embed_tokens), which
+        # named_parameters() lists once: keep only trainable tensors, so a LoRA checkpoint holds no base weight.
+        model_state = {k: v for k, v in model_state.items() if k in params and params[k].requires_grad}
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path))
 
 

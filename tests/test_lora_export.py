@@ -1,0 +1,171 @@
+"""LoRA on every engine and `sft export`, checked the way users consume the result.
+
+Each engine trains LoRA adapters for a few steps on 2 ranks and exports `final/` by itself.
+A fresh interpreter that never imports the launcher then loads `final/` with transformers and
+generates with the chat template, and loads the `--adapter-only` export with
+`PeftModel.from_pretrained` onto the base: its logits must equal the merged model's.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch.distributed.checkpoint as dcp
+
+from conftest import run_sft
+
+QUICKSTART = "recipes/quickstart.yaml"
+ENGINES = {
+    "ddp": ["strategy.backend=ddp"],
+    "fsdp": ["strategy.backend=fsdp"],
+    # ZeRO-3 with gradient checkpointing and a frozen base: the combination peft users trip on.
+    "zero3": ["strategy.backend=deepspeed", "strategy.zero_stage=3", "model.gradient_checkpointing=true"],
+}
+
+FRESH_CHECK = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from peft import PeftModel
+final, adapter = sys.argv[1], sys.argv[2]
+tok = AutoTokenizer.from_pretrained(final)
+merged = AutoModelForCausalLM.from_pretrained(final)
+ids = tok.apply_chat_template([{"role": "user", "content": "repeat: a b c d"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+out = merged.generate(**ids, max_new_tokens=6, do_sample=False)
+base_path = json.load(open(adapter + "/adapter_config.json"))["base_model_name_or_path"]
+peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), adapter)
+with torch.no_grad():
+    a = merged(input_ids=ids["input_ids"]).logits
+    b = peft_model(input_ids=ids["input_ids"]).logits
+eos = merged.generation_config.eos_token_id
+print(json.dumps({"new": out.shape[1] - ids["input_ids"].shape[1], "diff": float((a - b).abs().max()),
+                  "eos": eos if isinstance(eos, list) else [eos], "im_end": tok.convert_tokens_to_ids("<|im_end|>"),
+                  "launcher": "launcher" in sys.modules}))
+"""
+
+
+def _lora_run(run_dir, cache_dir, *extra):
+    return run_sft(["run", QUICKSTART, "--nproc", "2", f"output_dir={run_dir}", f"data.cache_dir={cache_dir}", "lora.enabled=true",
+                    "train.lr=1e-2", "train.max_steps=4", "train.eval_generate=0", "train.eval_at_start=false",
+                    "logging.every_steps=1", *extra])
+
+
+def _trainable_names(ckpt):
+    """The tensor names a checkpoint's model part holds (DCP metadata, or the DeepSpeed param shapes)."""
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    if state["backend"] == "deepspeed":
+        import torch
+
+        shapes = torch.load(next((ckpt / "model" / "deepspeed").glob("*model_states.pt")), weights_only=False)["param_shapes"]
+        return [n for group in shapes for n in group]
+    meta = dcp.FileSystemReader(str(ckpt / "model")).read_metadata()
+    return [k for k in meta.state_dict_metadata if k.startswith("model.")]
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_lora_trains_exports_and_serves(engine, tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    proc = _lora_run(run_dir, cache_dir, *ENGINES[engine])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert losses[-1] < losses[0]
+
+    ckpt = run_dir / "checkpoints" / "step-000004"
+    names = _trainable_names(ckpt)
+    assert names and all("lora_" in n for n in names), names[:5]  # the adapters only, not the frozen base
+
+    report = json.loads((run_dir / "final" / "export.json").read_text())
+    assert report["merged"] and report["step"] == 4 and report["max_abs_logit_diff"] <= report["tolerance"]
+    assert not list((run_dir / "final").glob("adapter_*"))  # merged: a plain transformers model
+
+    adapter = tmp_path / "adapter"
+    exported = run_sft(["export", str(run_dir), "--out", str(adapter), "--adapter-only"])
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
+
+    fresh = subprocess.run([sys.executable, "-c", FRESH_CHECK, str(run_dir / "final"), str(adapter)],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    result = json.loads(fresh.stdout.strip().splitlines()[-1])
+    assert result["new"] >= 1 and not result["launcher"]
+    assert result["im_end"] in result["eos"]
+    assert result["diff"] < 1e-4, result  # the adapter on its base equals the merged model
+
+
+@pytest.fixture(scope="module")
+def lora_ddp_run(tmp_path_factory, cache_dir):
+    run_dir = tmp_path_factory.mktemp("lora") / "run"
+    proc = _lora_run(run_dir, cache_dir, "checkpoint.every_steps=1", "checkpoint.keep_last=2", "export.on_finish=false",
+                     "lora.target_modules=[q_proj,v_proj]", "lora.use_rslora=true", "lora.use_dora=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def test_rotation_keeps_the_newest_complete_checkpoints(lora_ddp_run):
+    root = lora_ddp_run / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000003", "step-000004"]
+    assert (root / "latest").read_text().strip() == "step-000004"
+    assert not (lora_ddp_run / "final").exists()  # export.on_finish=false
+    names = _trainable_names(root / "step-000004")
+    assert any("lora_magnitude" in n for n in names)  # DoRA's magnitude vectors are trained and saved
+    assert not any("k_proj.lora" in n for n in names)  # only the named target modules
+
+
+def test_export_sharded_and_16_bit(lora_ddp_run, tmp_path):
+    out = tmp_path / "bf16"
+    proc = run_sft(["export", str(lora_ddp_run / "checkpoints" / "step-000003"), "--out", str(out),
+                    "export.dtype=bfloat16", "export.max_shard_size=1MB"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) >= 2 and (out / "model.safetensors.index.json").is_file()
+    report = json.loads((out / "export.json").read_text())
+    assert report["dtype"] == "bfloat16" and report["step"] == 3 and report["merged"]
+    from safetensors import safe_open
+
+    with safe_open(str(shards[0]), "pt") as f:
+        assert all(f.get_slice(k).get_dtype() == "BF16" for k in f.keys())
+
+
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("no_checkpoint", "has no complete checkpoint"),
+        ("incomplete", "is an incomplete checkpoint"),
+        ("out_not_empty", "already exists and is not empty"),
+        ("base_missing", "is not a directory"),
+        ("other_base", "is not the one LoRA checkpoint"),
+        ("tolerance", "export check failed"),
+    ],
+)
+def test_export_refuses_bad_input(case, message, lora_ddp_run, tmp_path):
+    source, out, extra = lora_ddp_run, tmp_path / "out", []
+    if case == "no_checkpoint":
+        source = tmp_path / "empty-run"
+        source.mkdir()
+    elif case == "incomplete":
+        source = tmp_path / "step-000009"
+        import shutil
+
+        shutil.copytree(lora_ddp_run / "checkpoints" / "step-000004", source)
+        (source / "COMPLETE").unlink()
+    elif case == "out_not_empty":
+        out.mkdir()
+        (out / "mine.txt").write_text("keep me")
+    elif case == "base_missing":
+        extra = [f"model.path={tmp_path / 'moved-away'}"]
+    elif case == "other_base":
+        extra = ["model.path=builtin:tiny-qwen2"]
+    elif case == "tolerance":
+        extra = ["export.dtype=bfloat16", "export.verify_tolerance=0"]
+    proc = run_sft(["export", str(source), "--out", str(out), *extra])
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    if case == "out_not_empty":
+        assert [p.name for p in out.iterdir()] == ["mine.txt"] and (out / "mine.txt").read_text() == "keep me"
+    else:
+        assert not out.exists()
+    assert not list(tmp_path.glob(".out-*"))  # no temporary directory left behind
+
+
+def test_lora_settings_are_checked_before_training(cache_dir, tmp_path):
+    proc = run_sft(["plan", QUICKSTART, f"data.cache_dir={cache_dir}", "lora.enabled=true", "lora.target_modules=[qkv_proj]"])
+    assert proc.returncode == 2 and "q_proj" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
