@@ -19,6 +19,7 @@ QUICKSTART = "recipes/quickstart.yaml"
 ENGINES = {
     "ddp": ["strategy.backend=ddp"],
     "fsdp": ["strategy.backend=fsdp"],
+    "zero2": ["strategy.backend=deepspeed", "strategy.zero_stage=2"],
     # ZeRO-3 with gradient checkpointing and a frozen base: the combination peft users trip on.
     "zero3": ["strategy.backend=deepspeed", "strategy.zero_stage=3", "model.gradient_checkpointing=true"],
 }

@@ -46,8 +46,5 @@ class DDPEngine:
     def unwrapped(self) -> torch.nn.Module:
         return self._module
 
-    def full_state_dict(self) -> dict:
-        return self._module.state_dict()
-
     def save_checkpoint(self, path) -> None:
         dcp_save(self.model, self.optimizer, path)

@@ -175,13 +175,6 @@ class DeepSpeedEngine:
     def unwrapped(self) -> torch.nn.Module:
         return self.model.module
 
-    def full_state_dict(self) -> dict:
-        """The whole model on rank 0 (collective: every rank must call it)."""
-        if self.zero_stage == 3:
-            state = self.model._zero3_consolidated_16bit_state_dict()
-            return {k: v.cpu() for k, v in (state or {}).items()}
-        return {k: v.detach().cpu() for k, v in self.model.module.state_dict().items()}
-
     def save_checkpoint(self, path) -> None:
         # Our own COMPLETE marker commits the checkpoint (DeepSpeed's `latest` is written by rank 0
         # before the other ranks finish); frozen weights (a LoRA base) are not copied.

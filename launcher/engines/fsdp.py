@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import distribute_tensor
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
@@ -139,18 +138,6 @@ class FSDPEngine:
 
     def unwrapped(self) -> torch.nn.Module:
         return self.model
-
-    def full_state_dict(self) -> dict:
-        """Collective: every rank gathers; rank 0 gets the full CPU state dict, the others {}."""
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state = get_model_state_dict(self.model, options=options)
-        # The gather returns tied weights (embed_tokens / lm_head) as separate copies; make them one
-        # tensor again, so save_pretrained drops the tied key as it does for the plain model.
-        first = {}
-        for name, param in self.model.named_parameters(remove_duplicate=False):
-            if name in state:
-                state[name] = state[first.setdefault(id(param), name)]
-        return state
 
     def save_checkpoint(self, path) -> None:
         dcp_save(self.model, self.optimizer, path)
