@@ -85,6 +85,9 @@ print(json.dumps({{"new": out.shape[1] - ids["input_ids"].shape[1], "eos": eos i
     assert result["new"] >= 1 and not result["launcher"]
     assert result["im_end"] in result["eos"]  # generation stops at the end-of-turn token it was trained on
 
+    no_adapter = run_sft(["export", str(run_dir), "--out", str(tmp_path / "adapter"), "--adapter-only"])
+    assert no_adapter.returncode == 2 and "has no adapter" in no_adapter.stderr and not (tmp_path / "adapter").exists()
+
 
 def test_output_dir_of_another_run_is_not_touched(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
