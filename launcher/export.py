@@ -23,7 +23,7 @@ from transformers import GenerationConfig
 
 from launcher import checkpoint
 from launcher.errors import UserError
-from launcher.model import DTYPES, add_lora, load_model, load_tokenizer, materialize_on_cpu
+from launcher.model import DTYPES, add_lora, load_model, load_tokenizer, materialize
 
 
 def end_of_turn_ids(tokenizer, model_config) -> list:
@@ -75,7 +75,7 @@ def trained_model(ckpt: Path, recipe, state: dict, base: Path) -> torch.nn.Modul
     else:
         # Weights come from the checkpoint: build an empty skeleton from its config, in fp32 (the master copy).
         model = load_model(hf, recipe.model, torch.float32, torch.device("cpu"), weights=False)
-        materialize_on_cpu(model)
+        materialize(model, torch.device("cpu"))
     checkpoint.load_weights(ckpt, model)
     if not state["lora"]:
         model.tie_weights()

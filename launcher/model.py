@@ -118,11 +118,10 @@ def enable_gradient_checkpointing(model, reentrant: bool) -> None:
         model.enable_input_require_grads()
 
 
-def materialize_on_cpu(model) -> None:
-    """Give a meta-device skeleton (load_model(weights=False)) real, uninitialised CPU storage,
-    keeping its buffers' values (to_empty would drop them)."""
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    model.to_empty(device="cpu")
+def materialize(model, device) -> None:
+    """Give a meta-device skeleton (load_model(weights=False)) real, uninitialised storage on
+    `device`, keeping its buffers' values (to_empty would drop them). Tied weights stay tied."""
+    buffers = {name: b for name, b in model.named_buffers()}
+    model.to_empty(device=device)
     for name, b in buffers.items():
         model.get_buffer(name).copy_(b)
-    model.tie_weights()

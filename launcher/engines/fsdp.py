@@ -20,7 +20,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 
 from launcher.engines import adamw, dcp_save
 from launcher.errors import UserError
-from launcher.model import resolve_dtype
+from launcher.model import materialize, resolve_dtype
 
 
 def block_classes(model: torch.nn.Module) -> list:
@@ -67,10 +67,7 @@ def _ensure_process_group(dist) -> None:
 def _fill_from_rank0(model: torch.nn.Module, full: dict, device: torch.device) -> None:
     """Scatter rank 0's weights into every rank's shards: a node holds one full copy, not one per rank."""
     if any(p.is_meta for p in model.parameters()):
-        buffers = {name: b for name, b in model.named_buffers()}
-        model.to_empty(device=device)  # storage for this rank's shards only
-        for name, b in buffers.items():  # to_empty drops buffer values; they were real
-            model.get_buffer(name).copy_(b)
+        materialize(model, device)  # storage for this rank's shards only
     with torch.no_grad():
         for name, param in model.named_parameters():  # tied weights appear once, on every rank
             source = full[name].to(device) if full else torch.empty(param.shape, dtype=param.dtype, device=device)
