@@ -2,7 +2,7 @@
 
 Layout of `output_dir/checkpoints/`:
 
-    .partial-step-000040/   being written (ignored, and removed by the next save)
+    .partial-step-000040/   being written (ignored; removed by the next save or `sft run`)
     step-000040/
       model/                 the engine's own files: DCP (ddp, fsdp) or DeepSpeed's tag dir
       rng/rank-00000.pt      python, numpy and torch RNG state of each rank
@@ -25,6 +25,7 @@ import os
 import random
 import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -80,50 +81,143 @@ def read_state(ckpt: Path) -> dict:
     return json.loads((ckpt / "trainer_state.json").read_text())
 
 
+_ARCHITECTURE = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size", "num_attention_heads")
+
+
+def model_differences(checkpoint_hf: Path, model_path: Path) -> list:
+    """How the model at `model_path` differs in architecture from the one a checkpoint was trained on."""
+    from transformers import AutoConfig
+
+    trained, found = AutoConfig.from_pretrained(checkpoint_hf), AutoConfig.from_pretrained(model_path)
+    return [
+        f"{k} is {getattr(trained, k, None)!r} in the checkpoint but {getattr(found, k, None)!r} in {model_path}"
+        for k in _ARCHITECTURE
+        if getattr(trained, k, None) != getattr(found, k, None)
+    ]
+
+
 def _rng_state() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
-def save(engine, run_dir: Path, step: int, dist, keep_last: int, meta: dict, write_extras) -> Path:
-    """Collective: every rank writes its shards; rank 0 commits. `write_extras(dir)` runs on rank 0."""
+def remove_partials(run_dir: Path) -> list:
+    """Delete what interrupted saves left (`.partial-*`); only a run's rank 0 or its launcher calls this."""
     root = Path(run_dir) / "checkpoints"
-    tmp = root / f".partial-{step_name(step)}"
-    if dist.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        for leftover in root.glob(".partial-*"):  # from a save that was interrupted
-            shutil.rmtree(leftover)
-        (tmp / "rng").mkdir(parents=True)
-    dist.barrier()
-    engine.save_checkpoint(tmp / "model")
-    torch.save(_rng_state(), tmp / "rng" / f"rank-{dist.rank:05d}.pt")
-    if dist.is_main:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "world_size": dist.world_size, **meta}, indent=2))
-        write_extras(tmp)
-    dist.barrier()  # every rank's shards are on disk
-    final = root / step_name(step)
-    if dist.is_main:
-        _commit(tmp, final, root, keep_last)
-    dist.barrier()
-    return final
+    found = sorted(root.glob(".partial-*")) if root.is_dir() else []
+    for leftover in found:
+        shutil.rmtree(leftover)
+    return found
+
+
+class SaveError(UserError):
+    """A checkpoint could not be written (full disk, permissions); the previous one is untouched."""
+
+
+def _all_ok(dist, ok: bool) -> list:
+    """Collective: the ranks whose `ok` is False (an all-reduce, so it also synchronises)."""
+    flags = torch.zeros(dist.world_size)
+    flags[dist.rank] = 0.0 if ok else 1.0
+    return [r for r, f in enumerate(dist.all_reduce_sum(flags).tolist()) if f]
+
+
+def _save_failed(root: Path, name: str, failed: list, error: Optional[BaseException], dist) -> SaveError:
+    before = latest(root.parent)
+    if error is not None and getattr(error, "failures", None):  # DCP gathers every rank's exception
+        error = next(iter(error.failures.values()))  # (exception, its stack)
+        error = error[0] if isinstance(error, tuple) else error
+    mine = f"{type(error).__name__}: {str(error).strip()}" if error is not None else "another rank failed; its log says why"
+    ranks = ", ".join(str(r) for r in failed)
+    free = shutil.disk_usage(root).free / 2**30 if root.exists() else float("nan")
+    return SaveError(
+        f"saving checkpoint {name} under {root} ({free:.1f} GiB free) failed on rank {ranks} (rank {dist.rank}: {mine}). "
+        f"The previous checkpoint ({before.name if before else 'none'}) and `latest` are unchanged and nothing partial was kept. "
+        "Free disk space or fix the directory's permissions, then run the same command again to resume from it."
+    )
+
+
+def _hold_for_tests(tmp: Path, step: int) -> None:
+    # Fault tests kill the run at the one moment a crash is most harmful: every shard written, nothing
+    # committed. A test sets this variable, waits for the marker and sends SIGKILL; users never set it.
+    if os.environ.get("SFT_TEST_HOLD_BEFORE_COMMIT") == str(step):
+        (tmp / "HELD_FOR_TEST").write_text("")
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def save(engine, run_dir: Path, step: int, dist, keep_last: int, state: dict, write_extras) -> Path:
+    """Collective: every rank writes its shards; rank 0 commits. `write_extras(dir)` runs on rank 0.
+    Raises SaveError on every rank if any rank fails; the previous checkpoint stays as it was."""
+    root = Path(run_dir) / "checkpoints"
+    name = step_name(step)
+    tmp = root / f".partial-{name}"
+    error = None
+    try:
+        if dist.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            remove_partials(run_dir)
+            (tmp / "rng").mkdir(parents=True)
+    except OSError as e:
+        error = e
+    failed = _all_ok(dist, error is None)
+    if not failed:
+        try:
+            engine.save_checkpoint(tmp / "model")
+            torch.save(_rng_state(), tmp / "rng" / f"rank-{dist.rank:05d}.pt")
+            if dist.is_main:
+                (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "world_size": dist.world_size, **state}, indent=2))
+                write_extras(tmp)
+        except BaseException as e:  # DCP's CheckpointException is a BaseException; a failure must reach every rank
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            error = e
+        failed = _all_ok(dist, error is None)  # every rank's shards are on disk, or some rank failed
+    if not failed and dist.is_main:
+        try:
+            _hold_for_tests(tmp, step)
+            _commit(tmp, root / name, root, keep_last)
+        except OSError as e:
+            error = e
+    failed = failed or _all_ok(dist, error is None)
+    if failed:
+        if dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # give a full disk its space back
+        raise _save_failed(root, name, failed, error, dist)
+    return root / name
+
+
+def _remove(path: Path) -> None:
+    # Renamed first: a crash halfway through rmtree must not leave a half-deleted dir that still says COMPLETE.
+    doomed = path.parent / f".partial-removing-{path.name}"
+    path.rename(doomed)
+    shutil.rmtree(doomed)
 
 
 def _commit(tmp: Path, final: Path, root: Path, keep_last: int) -> None:
     (tmp / COMPLETE).write_text("")
-    if final.exists():  # the same step saved again by a restarted attempt
-        old = root / f".partial-replaced-{final.name}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
+    if final.exists():  # the same step saved again (a resumed run passing an older run's step)
+        _remove(final)
+    tmp.rename(final)
     pointer = root / ".latest.tmp"
     pointer.write_text(final.name + "\n")
     os.replace(pointer, root / "latest")  # atomic: readers see the old or the new name, never half
     step = int(_STEP_DIR.match(final.name).group(1))
     older = [p for p in complete_checkpoints(root) if int(_STEP_DIR.match(p.name).group(1)) < step]
     for p in older[: max(0, len(older) - (keep_last - 1))]:
-        shutil.rmtree(p)
+        _remove(p)
+
+
+def restore_rng(ckpt: Path, rank: int) -> bool:
+    """Put back this rank's python, numpy and torch RNG states; False if the checkpoint has none for it."""
+    path = ckpt / "rng" / f"rank-{rank:05d}.pt"
+    if not path.is_file():
+        return False
+    state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: numpy's state is not a tensor
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    return True
 
 
 # Reading weights back (export), without a process group or a GPU.

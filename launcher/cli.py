@@ -52,6 +52,7 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     overrides = list(args.overrides) + rest + ([f"launch.nproc_per_node={args.nproc}"] if getattr(args, "nproc", None) else [])
 
+    from launcher import checkpoint
     from launcher.errors import UserError
     from launcher.worker import _quiet_libraries
 
@@ -68,9 +69,23 @@ def main(argv=None) -> int:
         print(text, flush=True)
         if args.command == "plan":
             return 0
-        from launcher import rundir
+        from launcher import resume, rundir
 
         rundir.check_output_dir(recipe, overwrite=args.overwrite)
+        for partial in checkpoint.remove_partials(Path(recipe.output_dir)):
+            print(f"removed {partial}: a checkpoint interrupted while saving (never committed)", flush=True)
+        start = resume.start_checkpoint(recipe)
+        if start is not None:
+            total = plan.schedule.total_steps
+            changed = resume.check(recipe, start, plan.model_path, plan.schedule.batches.global_batch, total, plan.world_size)
+            step = checkpoint.read_state(start)["step"]
+            if resume.finished(recipe, start, total):
+                print(f"{recipe.output_dir} has finished: {start.name} is step {step} of {total}"
+                      f"{' and final/ is its export' if recipe.export.on_finish else ''}. Nothing to do (a larger train.max_steps "
+                      "would continue it; --overwrite trains again).", flush=True)
+                return 0
+            print(f"resuming from {start} (step {step} of {total})" + (f"; changed since: {', '.join(changed)}" if changed else ""), flush=True)
+        rundir.archive_logs(Path(recipe.output_dir))
         rundir.save_recipe(recipe)
         (Path(recipe.output_dir) / "plan.txt").write_text(text + "\n")
         from launcher.launch.local import launch

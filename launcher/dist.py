@@ -57,7 +57,13 @@ def init() -> Dist:
     else:
         device = torch.device("cpu")
     if world > 1 and not torch_dist.is_initialized():
-        torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        # The elastic agent's store outlives a restart, and gloo would read the dead attempt's peer
+        # addresses from it (connect: refused): each attempt gets keys of its own.
+        store, _, _ = next(torch_dist.rendezvous("env://", rank=rank, world_size=world))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = torch_dist.PrefixStore(f"sft-launcher/attempt-{attempt}", store)
+        torch_dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
     return Dist(rank=rank, local_rank=local_rank, world_size=world, device=device)
 
 

@@ -48,21 +48,15 @@ def _check_out(out: Path) -> None:
 
 def _check_base(base: Path, hf: Path, ckpt: Path) -> None:
     """A LoRA checkpoint needs the base it was trained on: same architecture and shapes."""
-    from transformers import AutoConfig
-
     if not (base / "config.json").is_file():
         raise UserError(
             f"the base model of LoRA checkpoint {ckpt} is missing: {base} has no config.json. Put the base model "
             "back at that path (or pass model.path=DIR to `sft export` to name where it is now)."
         )
-    trained, found = AutoConfig.from_pretrained(hf), AutoConfig.from_pretrained(base)
-    keys = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size", "num_attention_heads")
-    diff = [k for k in keys if getattr(trained, k, None) != getattr(found, k, None)]
+    diff = checkpoint.model_differences(hf, base)
     if diff:
-        k = diff[0]
         raise UserError(
-            f"the base model at {base} is not the one LoRA checkpoint {ckpt} was trained on: {k} is "
-            f"{getattr(found, k, None)!r} there but {getattr(trained, k, None)!r} in the checkpoint. Point model.path at the original base."
+            f"the base model at {base} is not the one LoRA checkpoint {ckpt} was trained on: {diff[0]}. Point model.path at the original base."
         )
 
 
@@ -129,13 +123,16 @@ def _reload(tmp: Path, adapter_only: bool, base: Path, dtype: torch.dtype, train
     return PeftModel.from_pretrained(base_model, tmp).eval()
 
 
-def export(source: Path, out: Path, adapter_only: bool = False, overrides: Optional[Sequence[str]] = None) -> dict:
-    """Export a run dir's latest checkpoint (or the checkpoint named) to `out`. Returns export.json's content."""
+def export(source: Path, out: Path, adapter_only: bool = False, overrides: Optional[Sequence[str]] = None, replace_earlier_export: bool = False) -> dict:
+    """Export a run dir's latest checkpoint (or the checkpoint named) to `out`. Returns export.json's content.
+    `replace_earlier_export`: `out` may hold an earlier export (a run trained further replaces its final/)."""
     from launcher.recipe import load_recipe
 
     out = Path(out)
     ckpt = checkpoint.resolve(Path(source))
-    _check_out(out)
+    earlier = replace_earlier_export and (out / "export.json").is_file()
+    if not earlier:
+        _check_out(out)
     state = checkpoint.read_state(ckpt)
     recipe = load_recipe(ckpt / "recipe.yaml", list(overrides or []))
     if adapter_only and not state["lora"]:
@@ -189,9 +186,16 @@ def export(source: Path, out: Path, adapter_only: bool = False, overrides: Optio
                 "or raise export.verify_tolerance if the difference is expected."
             )
         (tmp / "export.json").write_text(json.dumps(report, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        tmp.rename(out)
+        if earlier:
+            old = out.parent / f".{out.name}-replaced"
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            if out.exists():
+                out.rmdir()  # empty (checked above)
+            tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report

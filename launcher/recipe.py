@@ -115,10 +115,18 @@ class StrategyConfig:
 
 @dataclass
 class CheckpointConfig:
-    # save every N optimizer steps (0: only at the end); the end of training always saves
+    # save every N optimizer steps (0: off); the end of training always saves
     every_steps: int = 0
+    # save when this many minutes of training have passed since the last save (0: off); rank 0's clock
+    # decides, so a kill costs at most this much work whatever a step takes
+    every_minutes: float = 30.0
     # complete checkpoints kept; older ones are removed once a newer one is complete
     keep_last: int = 2
+    # auto: continue from output_dir's latest checkpoint when it has one | never: refuse a run dir
+    # with checkpoints | a path: start from that checkpoint (or run dir's latest)
+    resume: str = "auto"
+    # after SIGTERM/SIGUSR1, seconds to finish the step and save before stopping without a checkpoint
+    signal_grace_s: float = 180.0
 
 
 @dataclass

@@ -72,8 +72,15 @@ def validate(recipe: Recipe) -> None:
         if "all-linear" in lora.target_modules and len(lora.target_modules) > 1:
             raise RecipeError("`lora.target_modules`: `all-linear` already selects every linear layer; give it alone or list names instead.")
     ck = recipe.checkpoint
-    if ck.every_steps < 0 or ck.keep_last < 1:
-        raise RecipeError(f"`checkpoint.every_steps` must be >= 0 and `checkpoint.keep_last` >= 1; got {ck.every_steps} and {ck.keep_last}.")
+    if ck.every_steps < 0 or ck.every_minutes < 0 or ck.keep_last < 1:
+        raise RecipeError(
+            "`checkpoint.every_steps` and `checkpoint.every_minutes` must be >= 0 and `checkpoint.keep_last` >= 1; "
+            f"got {ck.every_steps}, {ck.every_minutes} and {ck.keep_last}."
+        )
+    if ck.signal_grace_s <= 0:
+        raise RecipeError(f"`checkpoint.signal_grace_s` must be > 0 seconds, got {ck.signal_grace_s}.")
+    if not ck.resume.strip():
+        raise RecipeError("`checkpoint.resume` is empty: use auto, never, or the path of a checkpoint or run dir.")
     ex = recipe.export
     if ex.verify_prompts < 1 or (ex.verify_tolerance is not None and ex.verify_tolerance < 0):
         raise RecipeError("`export.verify_prompts` must be >= 1 and `export.verify_tolerance` >= 0 (or unset for auto).")

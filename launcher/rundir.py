@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from launcher import checkpoint
 from launcher.errors import UserError
 from omegaconf import OmegaConf
 
@@ -16,6 +17,9 @@ from launcher.recipe import Recipe, to_dict
 # What a run writes; `--overwrite` removes only these.
 RUN_FILES = ("recipe.yaml", "metrics.jsonl", "logs", "final", "checkpoints", "plan.txt")
 
+
+# Recipe keys that may differ between attempts of one run: where it runs, how it saves, logs and exports.
+FREE_KEYS = ("name", "output_dir", "checkpoint.", "logging.", "launch.", "export.", "slurm.", "data.cache_dir")
 
 # Keys whose values are secrets, and values that look like well-known token formats.
 _SECRET_KEY = re.compile(r"(?i)(^|_)(token|secret|passw(or)?d|api_?key|access_?key|private_?key|credentials?|auth)$|^(hf|wandb|github|gh)_?token$")
@@ -39,13 +43,13 @@ def to_yaml(recipe: Recipe, redact: bool = True) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(_redact(data) if redact else data))
 
 
-def _differences(old: dict, new: dict, prefix: str = "") -> list:
+def differences(old: dict, new: dict, prefix: str = "") -> list:
     keys = sorted(set(old) | set(new))
     out = []
     for k in keys:
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{k}.")
+            out += differences(a, b, f"{prefix}{k}.")
         elif a != b and a != REDACTED:
             out.append(f"{prefix}{k}")
     return out
@@ -69,15 +73,38 @@ def check_output_dir(recipe: Recipe, overwrite: bool) -> None:
             elif p.exists():
                 p.unlink()
         return
+    own = checkpoint.latest(out)
+    if own is not None:
+        if recipe.checkpoint.resume == "never":
+            raise UserError(
+                f"output_dir {out} has checkpoints (latest: {own.name}) and checkpoint.resume is never. Nothing was changed. "
+                "Use checkpoint.resume=auto to continue that run, --overwrite to start over, or another output_dir."
+            )
+        return  # resume.check decides whether its checkpoint can continue this recipe
     if saved.is_file():
-        diff = _differences(yaml.safe_load(saved.read_text()) or {}, to_dict(recipe))
-        what = f"a different run (recipe differs in: {', '.join(diff[:8])})" if diff else "an earlier run of this same recipe"
+        diff = [k for k in differences(yaml.safe_load(saved.read_text()) or {}, to_dict(recipe)) if not k.startswith(FREE_KEYS)]
+        if not diff:
+            return  # this same recipe, stopped before its first checkpoint: it starts again at step 0
+        what = f"a different run (recipe differs in: {', '.join(diff[:8])})"
     else:
         what = "files of an earlier run"
     raise UserError(
         f"output_dir {out} already holds {what}. Nothing was changed. Choose another output_dir "
         "(e.g. output_dir=runs/new-name), or pass --overwrite to delete that run's files and start over."
     )
+
+
+def archive_logs(run_dir: Path) -> None:
+    """Move an earlier attempt's logs/rank-*.log files to logs/attempt-N/, so a rerun does not overwrite them."""
+    logs = Path(run_dir) / "logs"
+    files = [p for p in logs.iterdir() if p.is_file()] if logs.is_dir() else []
+    if not files:
+        return
+    n = 1 + sum(1 for p in logs.iterdir() if p.is_dir() and p.name.startswith("attempt-"))
+    dest = logs / f"attempt-{n}"
+    dest.mkdir()
+    for p in files:
+        p.rename(dest / p.name)
 
 
 def save_recipe(recipe: Recipe) -> Path:

@@ -92,11 +92,30 @@ def train_step(engine, batches: list, dist, max_grad_norm: float) -> dict:
     return stats
 
 
-def train(recipe, engine, dist, prepared, schedule: Schedule, tokenizer, run_dir, save_checkpoint) -> dict:
-    """`save_checkpoint(step)` is collective; it runs every checkpoint.every_steps steps and after the last."""
-    t = recipe.train
-    every = recipe.checkpoint.every_steps
+def _boundary(dist, stop, timed_save_due: bool) -> tuple:
+    """Collective, once per step: stop now (a signal reached any rank)? A timed save due (rank 0's clock)?"""
+    flags = dist.all_reduce_sum(torch.tensor([float(stop is not None and stop.requested), float(timed_save_due)]))
+    return bool(flags[0]), bool(flags[1])
+
+
+def train(recipe, engine, dist, prepared, schedule: Schedule, tokenizer, run_dir, save_checkpoint, stop=None, resumed=None) -> dict:
+    """`save_checkpoint(step, scheduler, stopped_by)` is collective; it runs every checkpoint.every_steps
+    steps, every checkpoint.every_minutes, after the last step, and when a stop signal arrives (then
+    Preempted is raised on every rank). `resumed`: the checkpoint to continue from (its engine state
+    is already loaded)."""
+    from launcher.checkpoint import read_state, restore_rng
+    from launcher.preemption import Preempted
+
+    t, ck = recipe.train, recipe.checkpoint
     scheduler = get_scheduler(t.lr_scheduler, engine.optimizer, num_warmup_steps=schedule.warmup_steps, num_training_steps=schedule.total_steps)
+    start_step = 0
+    if resumed is not None:
+        state = read_state(resumed)
+        start_step = state["step"]
+        scheduler.load_state_dict(state["scheduler"])
+        # Creating the scheduler reset the optimizer's LR to step 0's; put back the resumed step's.
+        for group, lr, base in zip(engine.optimizer.param_groups, scheduler.get_last_lr(), scheduler.base_lrs):
+            group["lr"], group["initial_lr"] = lr, base
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main)
     console = Console(schedule.total_steps, enabled=dist.is_main)
     pad_id = tokenizer.pad_token_id
@@ -110,11 +129,16 @@ def train(recipe, engine, dist, prepared, schedule: Schedule, tokenizer, run_dir
         console.eval(step, result)
         return result
 
-    first_eval = run_eval(0) if t.eval_at_start else {}
+    first_eval = run_eval(0) if t.eval_at_start and start_step == 0 else {}
     engine.model.train()
-    start = time.perf_counter()
+    if resumed is not None:
+        # Last, so nothing between here and the first step draws from the RNG (dropout must continue exactly).
+        restore_rng(resumed, dist.rank)
+    if _boundary(dist, stop, False)[0]:  # stopped while loading: nothing new to save
+        raise Preempted(start_step, stop.signal_name or "a signal on another rank")
+    start = last_save = time.perf_counter()
     last = {}
-    for step in range(schedule.total_steps):
+    for step in range(start_step, schedule.total_steps):
         batches = step_batches(prepared.train, schedule, step, dist.rank, pad_id, dist.device)
         tick = time.perf_counter()
         last = train_step(engine, batches, dist, t.max_grad_norm)
@@ -140,11 +164,17 @@ def train(recipe, engine, dist, prepared, schedule: Schedule, tokenizer, run_dir
                 row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(dist.device) / 2**30, 3)
                 torch.cuda.reset_peak_memory_stats(dist.device)
             metrics.write(row)
-            console.step(done, row, eta_s=elapsed / done * (schedule.total_steps - done))
+            console.step(done, row, eta_s=(elapsed / (done - start_step)) * (schedule.total_steps - done))
         if t.eval_every and done % t.eval_every == 0 and done != schedule.total_steps:
             run_eval(done)
-        if (every and done % every == 0) or done == schedule.total_steps:
-            save_checkpoint(done)
+        timed = dist.is_main and ck.every_minutes > 0 and time.perf_counter() - last_save >= 60 * ck.every_minutes
+        stopping, timed = _boundary(dist, stop, timed)
+        if stopping or timed or (ck.every_steps and done % ck.every_steps == 0) or done == schedule.total_steps:
+            stopped_by = (stop.signal_name or "a signal on another rank") if stopping else None
+            save_checkpoint(done, scheduler, stopped_by)
+            last_save = time.perf_counter()
+        if stopping:
+            raise Preempted(done, stopped_by)
     final_eval = run_eval(schedule.total_steps)
     console.close()
-    return {"first_eval": first_eval, "final_eval": final_eval, "final_loss": last.get("loss")}
+    return {"first_eval": first_eval, "final_eval": final_eval, "final_loss": last.get("loss"), "start_step": start_step}

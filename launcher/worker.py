@@ -30,11 +30,11 @@ def _quiet_libraries() -> None:
     datasets.logging.set_verbosity_error()
 
 
-def run(recipe, dist) -> dict:
+def run(recipe, dist, stop=None) -> dict:
     import torch
     from transformers import set_seed
 
-    from launcher import engines, rundir
+    from launcher import engines, resume, rundir
     from launcher.cache import cache_root
     from launcher.data.prepare import prepare
     from launcher.model import add_lora, enable_gradient_checkpointing, load_model, load_tokenizer, model_dir, resolve_dtype
@@ -42,12 +42,11 @@ def run(recipe, dist) -> dict:
 
     set_seed(recipe.seed)
     run_dir = Path(recipe.output_dir)
-    if dist.is_main and os.environ.get(LAUNCHED_ENV) != "1":
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    if dist.is_main and os.environ.get(LAUNCHED_ENV) != "1" and not restarted:
         rundir.check_output_dir(recipe, overwrite=False)
         rundir.save_recipe(recipe)
     dist.barrier()
-    if dist.is_main and (run_dir / "metrics.jsonl").exists():
-        (run_dir / "metrics.jsonl").unlink()  # a restarted attempt starts its history again
 
     cache = cache_root(recipe.data.cache_dir)
     with dist.local_main_first():  # one process per node tokenizes; the rest read its cache
@@ -55,6 +54,13 @@ def run(recipe, dist) -> dict:
         tokenizer = load_tokenizer(path, recipe.model)
         prepared = prepare(recipe.data, tokenizer, cache, recipe.seed)
     schedule = make_schedule(recipe.train, recipe.seed, recipe.data.shuffle, len(prepared.train), dist.world_size)
+    resumed = resume.start_checkpoint(recipe)
+    start_step = 0
+    if resumed is not None:
+        resume.check(recipe, resumed, path, schedule.batches.global_batch, schedule.total_steps, dist.world_size)
+        start_step = checkpoint.read_state(resumed)["step"]
+    if dist.is_main:
+        resume.trim_metrics(run_dir, start_step)  # the steps after the checkpoint are logged again
 
     accumulation = schedule.batches.accumulation
     st = recipe.strategy
@@ -70,11 +76,16 @@ def run(recipe, dist) -> dict:
             enable_gradient_checkpointing(hf_model, reentrant=recipe.lora.enabled and deepspeed and st.zero_stage == 3)
         model = add_lora(hf_model, recipe.lora, adapter_dtype_follows_base=deepspeed) if recipe.lora.enabled else hf_model
     engine = engines.build(recipe, model, dist, accumulation)
+    if resumed is not None:
+        engine.load_checkpoint(resumed / "model")
+        if dist.is_main:
+            print(f"resumed from {resumed} (step {start_step} of {schedule.total_steps})", file=sys.stderr, flush=True)
 
     verify_rows = prepared.eval if prepared.eval is not None else prepared.train
     verify_ids = [list(ids[:256]) for ids in verify_rows.select(range(min(len(verify_rows), recipe.export.verify_prompts)))["input_ids"]]
     meta = {
         "total_steps": schedule.total_steps,
+        "global_batch": schedule.batches.global_batch,
         "backend": st.backend,
         "zero_stage": st.zero_stage if deepspeed else None,
         "lora": recipe.lora.enabled,
@@ -90,10 +101,11 @@ def run(recipe, dist) -> dict:
         tokenizer.save_pretrained(directory / "hf")
         (directory / "verify_prompts.json").write_text(json.dumps(verify_ids))
 
-    def save_checkpoint(step: int) -> None:
-        checkpoint.save(engine, run_dir, step, dist, recipe.checkpoint.keep_last, meta, write_extras)
+    def save_checkpoint(step: int, scheduler, stopped_by) -> None:
+        state = {**meta, "epoch": step / schedule.batches.steps_per_epoch, "scheduler": scheduler.state_dict(), "stopped_by": stopped_by}
+        checkpoint.save(engine, run_dir, step, dist, recipe.checkpoint.keep_last, state, write_extras)
 
-    return train(recipe, engine, dist, prepared, schedule, tokenizer, run_dir, save_checkpoint)
+    return train(recipe, engine, dist, prepared, schedule, tokenizer, run_dir, save_checkpoint, stop, resumed)
 
 
 def export_final(recipe) -> Path:
@@ -102,12 +114,13 @@ def export_final(recipe) -> Path:
 
     run_dir = Path(recipe.output_dir)
     out = run_dir / "final"
-    export(checkpoint.resolve(run_dir), out)
+    export(checkpoint.resolve(run_dir), out, replace_earlier_export=True)
     return out
 
 
 def _summary(result: dict, run_dir: Path, exported: bool) -> None:
-    lines = [f"done: final train loss {result['final_loss']:.4f}"]
+    loss = result["final_loss"]
+    lines = [f"done: final train loss {loss:.4f}" if loss is not None else f"done: all {result['start_step']} steps were trained before"]
     first, final = result["first_eval"], result["final_eval"]
     for key in ("eval_loss", "eval_token_accuracy", "eval_exact_match"):
         if key in final:
@@ -125,19 +138,29 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from launcher import dist as dist_mod
+    from launcher import preemption
     from launcher.errors import UserError
     from launcher.recipe import load_recipe
 
     _quiet_libraries()
     try:
         recipe = load_recipe(args.recipe, args.overrides)
+        stop = preemption.install(recipe.checkpoint.signal_grace_s)
         dist = dist_mod.init()
         finished = False
         try:
-            result = run(recipe, dist)
+            result = run(recipe, dist, stop)
             finished = True
+        except preemption.Preempted as e:
+            dist_mod.shutdown(synchronise=True)  # every rank agreed to stop and saved
+            if dist.is_main:
+                saved = checkpoint.latest(Path(recipe.output_dir))
+                where = f"checkpoint {saved} is complete" if saved else "no checkpoint yet, so a rerun starts at step 0"
+                print(f"stopped by {e.signal_name} at step {e.step}; {where}. Run the same command again to resume "
+                      f"(exit code {preemption.EXIT_RESUMABLE}).", file=sys.stderr, flush=True)
+            return preemption.EXIT_RESUMABLE
         finally:
-            dist_mod.shutdown(synchronise=finished)
+            dist_mod.shutdown(synchronise=finished)  # after a stop, the group is already gone
         if dist.is_main:
             # Export runs after the group is gone: a long export must not hit a peer's collective timeout.
             import gc

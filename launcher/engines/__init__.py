@@ -9,6 +9,7 @@ gradient averaging across ranks, which `grad_scale` reports.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Protocol
 
 import torch
@@ -30,6 +31,8 @@ class Engine(Protocol):
 
     def save_checkpoint(self, path) -> None: ...
 
+    def load_checkpoint(self, path) -> None: ...
+
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
     """AdamW groups: no weight decay on biases and norm weights (1-D tensors), as is standard."""
@@ -50,10 +53,17 @@ def adamw(model: torch.nn.Module, train_cfg) -> torch.optim.AdamW:
     )
 
 
-def dcp_save(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path) -> None:
-    """ddp and fsdp checkpoints: torch DCP writes each rank's shards (replicated tensors once) in
-    parallel and reshards on load. Frozen parameters (a LoRA base) are not saved."""
-    import torch.distributed.checkpoint as dcp
+@contextlib.contextmanager
+def _single_process_quiet():
+    # A one-rank ddp run has no process group; DCP then warns that it assumes one process, which is right.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _dcp_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    """The model and optimizer state as DCP saves and loads it: this rank's shards (DTensors under
+    FSDP), trainable tensors only when some parameters are frozen (a LoRA base is not saved)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
@@ -63,7 +73,32 @@ def dcp_save(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path) -> 
         # ignore_frozen_params misses a frozen weight tied to another (lm_head = embed_tokens), which
         # named_parameters() lists once: keep only trainable tensors, so a LoRA checkpoint holds no base weight.
         model_state = {k: v for k, v in model_state.items() if k in params and params[k].requires_grad}
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path))
+    return model_state, optim_state
+
+
+def dcp_save(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path) -> None:
+    """ddp and fsdp checkpoints: torch DCP writes each rank's shards (replicated tensors once) in
+    parallel and reshards on load, so a run may resume on another number of ranks."""
+    import torch.distributed.checkpoint as dcp
+
+    model_state, optim_state = _dcp_state(model, optimizer)
+    with _single_process_quiet():
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path))
+
+
+def dcp_load(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path) -> None:
+    """Read a dcp_save checkpoint into this rank's model and optimizer, resharding as needed."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    model_state, optim_state = _dcp_state(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+        options=StateDictOptions(ignore_frozen_params=True, strict=False),  # the frozen base is not in it
+    )
 
 
 def model_init(recipe, dist, accumulation: int) -> contextlib.AbstractContextManager:

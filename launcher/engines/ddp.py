@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from launcher.engines import adamw, dcp_save
+from launcher.engines import adamw, dcp_load, dcp_save
 
 
 @dataclass
@@ -48,3 +48,6 @@ class DDPEngine:
 
     def save_checkpoint(self, path) -> None:
         dcp_save(self.model, self.optimizer, path)
+
+    def load_checkpoint(self, path) -> None:
+        dcp_load(self.model, self.optimizer, path)

@@ -179,3 +179,13 @@ class DeepSpeedEngine:
         # Our own COMPLETE marker commits the checkpoint (DeepSpeed's `latest` is written by rank 0
         # before the other ranks finish); frozen weights (a LoRA base) are not copied.
         self.model.save_checkpoint(str(path), tag="deepspeed", client_state={}, save_latest=False, exclude_frozen_parameters=True)
+
+    def load_checkpoint(self, path) -> None:
+        # Explicit tag (DeepSpeed's own `latest` is not trusted, see save); a LoRA checkpoint has no
+        # frozen weights, so the module load is not strict. The LR scheduler is ours, not DeepSpeed's.
+        frozen = any(not p.requires_grad for p in self.model.module.parameters())
+        loaded, _ = self.model.load_checkpoint(
+            str(path), tag="deepspeed", load_module_strict=not frozen, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if loaded is None:
+            raise UserError(f"DeepSpeed found no checkpoint to load in {path}/deepspeed; the checkpoint is damaged. Resume from an earlier one.")

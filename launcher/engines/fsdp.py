@@ -18,7 +18,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import distribute_tensor
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-from launcher.engines import adamw, dcp_save
+from launcher.engines import adamw, dcp_load, dcp_save
 from launcher.errors import UserError
 from launcher.model import materialize, resolve_dtype
 
@@ -138,3 +138,6 @@ class FSDPEngine:
 
     def save_checkpoint(self, path) -> None:
         dcp_save(self.model, self.optimizer, path)
+
+    def load_checkpoint(self, path) -> None:
+        dcp_load(self.model, self.optimizer, path)

@@ -7,16 +7,21 @@ are also shown on the console. A single process without restarts runs in-process
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import signal
 import sys
 import uuid
 from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing import LogsDest, LogsSpecs, Std
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+from launcher import checkpoint
+from launcher.preemption import EXIT_RESUMABLE
 from launcher.worker import LAUNCHED_ENV
 
 
@@ -54,8 +59,22 @@ def _tail(path: str, lines: int = 15) -> str:
         return "(no log)"
 
 
+def _stop_report(run_dir: Path, sig: signal.Signals, step_before: int) -> int:
+    """After a stop signal: EXIT_RESUMABLE if the workers saved a checkpoint for it, 128 + signal otherwise."""
+    ckpt = checkpoint.latest(run_dir)
+    state = checkpoint.read_state(ckpt) if ckpt else {}
+    if sig != signal.SIGINT and state.get("stopped_by") and state["step"] > step_before:
+        print(f"stopped by {sig.name} at step {state['step']} of {state['total_steps']}: checkpoint {ckpt} is complete. "
+              f"Run the same command again to resume (exit code {EXIT_RESUMABLE}).", file=sys.stderr, flush=True)
+        return EXIT_RESUMABLE
+    where = f"`latest` is {ckpt.name}, from which a rerun resumes" if ckpt else "there is no checkpoint yet"
+    print(f"stopped by {sig.name} before a checkpoint for it was complete; {where}.", file=sys.stderr, flush=True)
+    return 128 + sig
+
+
 def launch(recipe_path: str, overrides: list, recipe) -> int:
-    """Run the workers to completion; the exit code of the run (0 ok, 2 user error, 1 failure)."""
+    """Run the workers to completion; the exit code of the run (0 ok, 2 user error, 75 stopped by a
+    signal with a checkpoint to resume from, 1 failure)."""
     worker_args = [recipe_path, *overrides]
     os.environ[LAUNCHED_ENV] = "1"
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
@@ -67,7 +86,17 @@ def launch(recipe_path: str, overrides: list, recipe) -> int:
         return worker_main(worker_args)
 
     logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
-    log_dir = Path(recipe.output_dir) / "logs"
+    run_dir = Path(recipe.output_dir)
+    log_dir = run_dir / "logs"
+    # The agent forwards these to the workers (preemption.py), then waits shutdown_timeout for them to exit.
+    # Older torch reads both from the environment; newer torch takes them as LaunchConfig fields.
+    settings = {"signals_to_handle": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "shutdown_timeout": int(recipe.checkpoint.signal_grace_s) + 30}
+    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = settings["signals_to_handle"]
+    os.environ["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(settings["shutdown_timeout"])
+    fields = {f.name for f in dataclasses.fields(LaunchConfig)}
+    extra = {k: v for k, v in settings.items() if k in fields}
+    before = checkpoint.latest(run_dir)
+    step_before = checkpoint.read_state(before)["step"] if before else -1
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -79,14 +108,19 @@ def launch(recipe_path: str, overrides: list, recipe) -> int:
         logs_specs=RankLogs(log_dir),
         log_line_prefix_template="",
         start_method="spawn",
+        **extra,
     )
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "launcher.worker", *worker_args)
+    except SignalException as e:
+        return _stop_report(run_dir, e.sigval, step_before)
     except ChildFailedError as e:
-        user_error = all(f.exitcode == 2 for f in e.failures.values())
+        codes = {f.exitcode for f in e.failures.values()}
         _, failure = min(e.failures.items())
-        if user_error:
+        if codes == {2}:
             return 2  # the worker already printed the error on the console (rank 0 is teed)
+        if codes == {EXIT_RESUMABLE}:
+            return EXIT_RESUMABLE  # a stop signal sent to the workers themselves; they saved and said so
         log = log_dir / f"rank-{failure.local_rank}.log"
         print(
             f"error: rank {failure.local_rank} exited with code {failure.exitcode}"
