@@ -171,8 +171,10 @@ def train(recipe, engine, dist, prepared, schedule: Schedule, tokenizer, run_dir
         stopping, timed = _boundary(dist, stop, timed)
         if stopping or timed or (ck.every_steps and done % ck.every_steps == 0) or done == schedule.total_steps:
             stopped_by = (stop.signal_name or "a signal on another rank") if stopping else None
+            tick = time.perf_counter()
             save_checkpoint(done, scheduler, stopped_by)
             last_save = time.perf_counter()
+            metrics.write({"step": done, "checkpoint_save_s": round(last_save - tick, 3)})
         if stopping:
             raise Preempted(done, stopped_by)
     final_eval = run_eval(schedule.total_steps)

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from launcher import checkpoint
@@ -37,6 +38,7 @@ def run(recipe, dist, stop=None) -> dict:
     from launcher import engines, resume, rundir
     from launcher.cache import cache_root
     from launcher.data.prepare import prepare
+    from launcher.logs import MetricsLog
     from launcher.model import add_lora, enable_gradient_checkpointing, load_model, load_tokenizer, model_dir, resolve_dtype
     from launcher.train import make_schedule, train
 
@@ -77,9 +79,13 @@ def run(recipe, dist, stop=None) -> dict:
         model = add_lora(hf_model, recipe.lora, adapter_dtype_follows_base=deepspeed) if recipe.lora.enabled else hf_model
     engine = engines.build(recipe, model, dist, accumulation)
     if resumed is not None:
+        tick = time.perf_counter()
         engine.load_checkpoint(resumed / "model")
+        dist.barrier()
+        seconds = time.perf_counter() - tick
         if dist.is_main:
-            print(f"resumed from {resumed} (step {start_step} of {schedule.total_steps})", file=sys.stderr, flush=True)
+            MetricsLog(run_dir / "metrics.jsonl", enabled=True).write({"step": start_step, "checkpoint_load_s": round(seconds, 3)})
+            print(f"resumed from {resumed} (step {start_step} of {schedule.total_steps}) in {seconds:.1f} s", file=sys.stderr, flush=True)
 
     verify_rows = prepared.eval if prepared.eval is not None else prepared.train
     verify_ids = [list(ids[:256]) for ids in verify_rows.select(range(min(len(verify_rows), recipe.export.verify_prompts)))["input_ids"]]
