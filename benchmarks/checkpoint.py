@@ -69,7 +69,7 @@ def _sft(workdir: Path, name: str, base: Path, engine: str, *extra) -> tuple:
     cmd = [sys.executable, "-m", "launcher", "run", "recipes/quickstart.yaml", "--nproc", "2", f"output_dir={run_dir}",
            f"model.path={base}", "model.dtype=float32", f"data.cache_dir={workdir / 'cache'}", "train.micro_batch_size=2",
            "train.max_steps=2", "checkpoint.every_steps=1", "checkpoint.keep_last=2", "train.eval_at_start=false",
-           "train.eval_generate=0", "data.eval_files=[]", "export.on_finish=false", "logging.every_steps=1", *ENGINES[engine], *extra]
+           "train.eval_generate=0", "train.eval_every=0", "data.eval_files=[]", "export.on_finish=false", "logging.every_steps=1", *ENGINES[engine], *extra]
     start = time.perf_counter()
     run(cmd, workdir / f"{name}.log")
     return run_dir, time.perf_counter() - start
