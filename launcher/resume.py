@@ -106,6 +106,9 @@ def trim_metrics(run_dir: Path, step: int) -> None:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return
+    if step == 0:  # starting over: an earlier attempt's step-0 eval would be logged twice
+        path.unlink()
+        return
     rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(r + "\n" for r in rows))

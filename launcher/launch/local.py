@@ -59,10 +59,17 @@ def _tail(path: str, lines: int = 15) -> str:
         return "(no log)"
 
 
-def _stop_report(run_dir: Path, sig: signal.Signals, step_before: int) -> int:
-    """After a stop signal: EXIT_RESUMABLE if the workers saved a checkpoint for it, 128 + signal otherwise."""
+def _stop_report(recipe, sig: signal.Signals, step_before: int) -> int:
+    """After a stop signal: EXIT_RESUMABLE if the workers saved a checkpoint for it, 0 if they had
+    finished anyway, 128 + signal otherwise."""
+    from launcher.resume import finished
+
+    run_dir = Path(recipe.output_dir)
     ckpt = checkpoint.latest(run_dir)
     state = checkpoint.read_state(ckpt) if ckpt else {}
+    if ckpt and finished(recipe, ckpt, state["total_steps"]):
+        print(f"{sig.name} arrived after the last step; the run finished ({ckpt.name}).", file=sys.stderr, flush=True)
+        return 0
     if sig != signal.SIGINT and state.get("stopped_by") and state["step"] > step_before:
         print(f"stopped by {sig.name} at step {state['step']} of {state['total_steps']}: checkpoint {ckpt} is complete. "
               f"Run the same command again to resume (exit code {EXIT_RESUMABLE}).", file=sys.stderr, flush=True)
@@ -113,7 +120,7 @@ def launch(recipe_path: str, overrides: list, recipe) -> int:
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "launcher.worker", *worker_args)
     except SignalException as e:
-        return _stop_report(run_dir, e.sigval, step_before)
+        return _stop_report(recipe, e.sigval, step_before)
     except ChildFailedError as e:
         codes = {f.exitcode for f in e.failures.values()}
         _, failure = min(e.failures.items())
