@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 USAGE = """sft plan RECIPE [key=value ...]       validate the recipe, data and model; print the plan
-sft run  RECIPE [key=value ...]       train on this machine (--nproc N ranks)
+sft run  RECIPE [key=value ...]       train on this machine (--nproc N ranks; multi-node:
+                                      --nnodes N --node-rank R --rdzv-endpoint HOST:PORT)
 sft export RUN_DIR_OR_CHECKPOINT --out DIR [--adapter-only] [export.key=value ...]
                                       write a deployable Hugging Face model, verified"""
 
@@ -20,6 +21,9 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("recipe", help="path of the YAML recipe")
         s.add_argument("overrides", nargs="*", help="recipe overrides as key=value (OmegaConf dotlist)")
         s.add_argument("--nproc", type=int, help="ranks on this machine (same as launch.nproc_per_node=N)")
+        s.add_argument("--nnodes", type=int, help="nodes in a multi-node run (launch.nnodes)")
+        s.add_argument("--node-rank", type=int, help="this node's rank, 0 to nnodes-1 (launch.node_rank)")
+        s.add_argument("--rdzv-endpoint", help="HOST:PORT of node 0, the same on every node (launch.rdzv_endpoint)")
         if name == "run":
             s.add_argument("--overwrite", action="store_true", help="delete an earlier run's files in output_dir and start over")
     e = sub.add_parser("export")
@@ -50,7 +54,10 @@ def main(argv=None) -> int:
     stray = [a for a in rest if a.startswith("-") or "=" not in a]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    overrides = list(args.overrides) + rest + ([f"launch.nproc_per_node={args.nproc}"] if getattr(args, "nproc", None) else [])
+    overrides = list(args.overrides) + rest
+    for flag, key in (("nproc", "nproc_per_node"), ("nnodes", "nnodes"), ("node_rank", "node_rank"), ("rdzv_endpoint", "rdzv_endpoint")):
+        if getattr(args, flag, None) is not None:
+            overrides.append(f"launch.{key}={getattr(args, flag)}")
 
     from launcher import checkpoint
     from launcher.errors import UserError
@@ -71,9 +78,11 @@ def main(argv=None) -> int:
             return 0
         from launcher import resume, rundir
 
-        rundir.check_output_dir(recipe, overwrite=args.overwrite)
-        for partial in checkpoint.remove_partials(Path(recipe.output_dir)):
-            print(f"removed {partial}: a checkpoint interrupted while saving (never committed)", flush=True)
+        first_node = recipe.launch.node_rank == 0  # node 0 alone prepares the shared output_dir
+        if first_node:
+            rundir.check_output_dir(recipe, overwrite=args.overwrite)
+            for partial in checkpoint.remove_partials(Path(recipe.output_dir)):
+                print(f"removed {partial}: a checkpoint interrupted while saving (never committed)", flush=True)
         start = resume.start_checkpoint(recipe)
         if start is not None:
             total = plan.schedule.total_steps
@@ -85,9 +94,10 @@ def main(argv=None) -> int:
                       "would continue it; --overwrite trains again).", flush=True)
                 return 0
             print(f"resuming from {start} (step {step} of {total})" + (f"; changed since: {', '.join(changed)}" if changed else ""), flush=True)
-        rundir.archive_logs(Path(recipe.output_dir))
-        rundir.save_recipe(recipe)
-        (Path(recipe.output_dir) / "plan.txt").write_text(text + "\n")
+        if first_node:
+            rundir.archive_logs(Path(recipe.output_dir))
+            rundir.save_recipe(recipe)
+            (Path(recipe.output_dir) / "plan.txt").write_text(text + "\n")
         from launcher.launch.local import launch
 
         return launch(args.recipe, overrides, recipe)

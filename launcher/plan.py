@@ -69,7 +69,7 @@ def check_strategy(recipe: Recipe, accumulation: int) -> None:
     if recipe.strategy.backend == "deepspeed":
         from launcher.engines.deepspeed import make_config
 
-        make_config(recipe, recipe.launch.nproc_per_node, accumulation, "cuda" if gpu else "cpu")
+        make_config(recipe, recipe.launch.nproc_per_node * recipe.launch.nnodes, accumulation, "cuda" if gpu else "cpu")
 
 
 def check_lora(config, recipe: Recipe) -> int:
@@ -105,7 +105,7 @@ def make_plan(recipe: Recipe) -> Plan:
     t = recipe.train
     if (t.eval_every or t.eval_generate or t.eval_at_start) and prepared.eval is None:
         raise UserError("train.eval_every / eval_generate / eval_at_start need eval data: set data.eval_files or data.eval_fraction.")
-    world = recipe.launch.nproc_per_node
+    world = recipe.launch.nproc_per_node * recipe.launch.nnodes
     try:
         schedule = make_schedule(t, recipe.seed, recipe.data.shuffle, len(prepared.train), world)
     except ValueError as e:
@@ -167,7 +167,7 @@ def format_plan(plan: Plan, recipe: Recipe) -> str:
         f"model        {recipe.model.path} ({plan.architecture}, {plan.params / 1e6:.2f}M parameters, dtype {plan.dtype})",
         f"             end-of-turn token {plan.end_of_turn!r} is trained so the model learns to stop",
         f"lora         {_lora(recipe, plan)}",
-        f"strategy     {_strategy(recipe)}, world size {plan.world_size} ({recipe.launch.nproc_per_node} per node)",
+        f"strategy     {_strategy(recipe)}, world size {plan.world_size} ({recipe.launch.nproc_per_node} per node x {recipe.launch.nnodes} nodes)",
         f"batch        micro {b.micro_batch_size} x accumulation {b.accumulation} x {b.world_size} ranks = global {b.global_batch} sequences"
         f" (~{b.global_batch * plan.mean_tokens:,.0f} tokens, mean {plan.mean_tokens:.0f} per sequence)",
         f"steps        {b.steps_per_epoch} per epoch, {s.total_steps} total, {s.warmup_steps} warmup ({recipe.train.lr_scheduler}, lr {recipe.train.lr:g})",

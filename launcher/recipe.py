@@ -147,6 +147,11 @@ class ExportConfig:
 @dataclass
 class LaunchConfig:
     nproc_per_node: int = 1
+    # multi-node: the number of nodes, this node's rank (node 0 hosts the c10d rendezvous and prepares
+    # output_dir, which every node must see), and node 0's HOST:PORT, the same on every node
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: Optional[str] = None
     # restarts of the whole worker group by the elastic agent after a worker dies
     max_restarts: int = 0
     # extra environment variables for the workers

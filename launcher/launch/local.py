@@ -8,6 +8,7 @@ are also shown on the console. A single process without restarts runs in-process
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import signal
@@ -86,8 +87,9 @@ def launch(recipe_path: str, overrides: list, recipe) -> int:
     os.environ[LAUNCHED_ENV] = "1"
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     os.environ.update({k: str(v) for k, v in recipe.launch.env.items()})
-    nproc = recipe.launch.nproc_per_node
-    if nproc == 1 and recipe.launch.max_restarts == 0:
+    la = recipe.launch
+    nproc = la.nproc_per_node
+    if nproc == 1 and la.nnodes == 1 and la.max_restarts == 0:
         from launcher.worker import main as worker_main
 
         return worker_main(worker_args)
@@ -104,14 +106,21 @@ def launch(recipe_path: str, overrides: list, recipe) -> int:
     extra = {k: v for k, v in settings.items() if k in fields}
     before = checkpoint.latest(run_dir)
     step_before = checkpoint.read_state(before)["step"] if before else -1
+    if la.nnodes > 1:
+        # Every node's agent must name the same rendezvous: derive its id from what they share.
+        run_id = "sft-" + hashlib.sha1(f"{la.rdzv_endpoint} {run_dir.resolve()}".encode()).hexdigest()[:12]
+        endpoint, rdzv = la.rdzv_endpoint, {"is_host": la.node_rank == 0}
+    else:
+        run_id, endpoint, rdzv = str(uuid.uuid4()), "localhost:0", {}  # as torchrun --standalone: a free port here
     config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
+        min_nodes=la.nnodes,
+        max_nodes=la.nnodes,
         nproc_per_node=nproc,
-        run_id=str(uuid.uuid4()),
+        run_id=run_id,
         rdzv_backend="c10d",
-        rdzv_endpoint="localhost:0",  # as torchrun --standalone: a free port on this host
-        max_restarts=recipe.launch.max_restarts,
+        rdzv_endpoint=endpoint,
+        rdzv_configs=rdzv,
+        max_restarts=la.max_restarts,
         logs_specs=RankLogs(log_dir),
         log_line_prefix_template="",
         start_method="spawn",
