@@ -1,4 +1,4 @@
-"""The `sft` command: plan, run and export (submit arrives with Slurm support)."""
+"""The `sft` command: plan, run, submit (Slurm) and export."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from pathlib import Path
 USAGE = """sft plan RECIPE [key=value ...]       validate the recipe, data and model; print the plan
 sft run  RECIPE [key=value ...]       train on this machine (--nproc N ranks; multi-node:
                                       --nnodes N --node-rank R --rdzv-endpoint HOST:PORT)
+sft submit RECIPE [key=value ...] [--dry-run]
+                                      queue it on Slurm (slurm.nodes x launch.nproc_per_node ranks)
 sft export RUN_DIR_OR_CHECKPOINT --out DIR [--adapter-only] [export.key=value ...]
                                       write a deployable Hugging Face model, verified"""
 
@@ -26,6 +28,11 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--rdzv-endpoint", help="HOST:PORT of node 0, the same on every node (launch.rdzv_endpoint)")
         if name == "run":
             s.add_argument("--overwrite", action="store_true", help="delete an earlier run's files in output_dir and start over")
+    sb = sub.add_parser("submit")
+    sb.add_argument("recipe", help="path of the YAML recipe")
+    sb.add_argument("overrides", nargs="*", help="recipe overrides as key=value, e.g. slurm.nodes=4")
+    sb.add_argument("--nproc", type=int, help="ranks per node (same as launch.nproc_per_node=N)")
+    sb.add_argument("--dry-run", action="store_true", help="write the sbatch script into output_dir and print it; queue nothing")
     e = sub.add_parser("export")
     e.add_argument("source", help="a run's output_dir (its latest checkpoint) or a checkpoints/step-NNNNNN directory")
     e.add_argument("overrides", nargs="*", help="overrides of the run's recipe, e.g. export.dtype=bfloat16 or model.path=BASE_DIR")
@@ -44,6 +51,33 @@ def _export(args, overrides) -> int:
         f"max |logit difference| to the trained model {report['max_abs_logit_diff']:.2e} (tolerance {report['tolerance']:.2e})",
         flush=True,
     )
+    return 0
+
+
+def _submit(args, overrides) -> int:
+    from launcher import rundir
+    from launcher.launch import slurm
+    from launcher.plan import format_plan, make_plan
+    from launcher.recipe import load_recipe
+
+    nodes = load_recipe(args.recipe, overrides).slurm.nodes
+    recipe = load_recipe(args.recipe, overrides + [f"launch.nnodes={nodes}"])  # the plan counts every node's ranks
+    slurm.check(recipe)
+    text = format_plan(make_plan(recipe), recipe)
+    print(text, flush=True)
+    rundir.check_output_dir(recipe, overwrite=False)
+    rendered = slurm.render(recipe, args.recipe, overrides, Path.cwd())
+    run_dir = Path(recipe.output_dir)
+    rundir.save_recipe(recipe)
+    (run_dir / "plan.txt").write_text(text + "\n")
+    script = run_dir / "submit.sbatch"
+    script.write_text(rendered)
+    if args.dry_run:
+        print(f"wrote {script} (not submitted: --dry-run)", flush=True)
+        return 0
+    job = slurm.submit(script)
+    print(f"submitted job {job}: {nodes} node(s) x {recipe.launch.nproc_per_node} rank(s); log {run_dir / 'logs' / f'slurm-{job}.out'}, "
+          f"ranks in {run_dir / 'logs'}/rank-R.log; the job requeues itself after a preemption signal and resumes.", flush=True)
     return 0
 
 
@@ -67,6 +101,8 @@ def main(argv=None) -> int:
     try:
         if args.command == "export":
             return _export(args, overrides)
+        if args.command == "submit":
+            return _submit(args, overrides)
         from launcher.plan import format_plan, make_plan
         from launcher.recipe import load_recipe
 

@@ -160,7 +160,30 @@ class LaunchConfig:
 
 @dataclass
 class SlurmConfig:
-    pass
+    # `sft submit`: one srun task per node, each running `sft run` with launch.nproc_per_node ranks
+    nodes: int = 1
+    # GPUs per node (--gpus-per-node); 0 on CPU-only clusters
+    gpus_per_node: int = 0
+    cpus_per_task: Optional[int] = None
+    # e.g. 200G (--mem), 01-00:00:00 or 4:00:00 (--time)
+    mem: Optional[str] = None
+    time: Optional[str] = None
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    exclusive: bool = False
+    # more directives, each written after `#SBATCH ` as given, e.g. ["--reservation=big"]
+    extra_sbatch: List[str] = field(default_factory=list)
+    # exported in the job before srun; and shell lines run first (module load, source venv, ...)
+    env: Dict[str, str] = field(default_factory=dict)
+    setup: List[str] = field(default_factory=list)
+    # srun options before the command, e.g. ["--container-image=nvcr.io/...#tag"] for pyxis
+    srun_args: List[str] = field(default_factory=list)
+    # seconds before the time limit at which Slurm sends SIGUSR1 (checkpoint, then requeue)
+    signal_before_end_s: int = 300
+    # a template of your own instead of slurm/sft.sbatch (same ${variables})
+    template: Optional[str] = None
 
 
 @dataclass

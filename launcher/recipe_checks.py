@@ -36,13 +36,6 @@ def validate(recipe: Recipe) -> None:
     la = recipe.launch
     if la.nnodes < 1 or not 0 <= la.node_rank < la.nnodes:
         raise RecipeError(f"`launch.node_rank` must be in [0, launch.nnodes) and nnodes >= 1; got node_rank={la.node_rank}, nnodes={la.nnodes}.")
-    if la.nnodes > 1:
-        host, _, port = (la.rdzv_endpoint or "").rpartition(":")
-        if not host or not port.isdigit():
-            raise RecipeError(
-                f"`launch.nnodes: {la.nnodes}` needs `launch.rdzv_endpoint` (--rdzv-endpoint) as HOST:PORT of node 0, the same "
-                f"on every node; got {la.rdzv_endpoint!r}."
-            )
     t = recipe.train
     from transformers import SchedulerType  # the names transformers.get_scheduler accepts
 

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from launcher.recipe import Recipe, to_dict
 
 # What a run writes; `--overwrite` removes only these.
-RUN_FILES = ("recipe.yaml", "metrics.jsonl", "logs", "final", "checkpoints", "plan.txt")
+RUN_FILES = ("recipe.yaml", "metrics.jsonl", "logs", "final", "checkpoints", "plan.txt", "submit.sbatch")
 
 
 # Recipe keys that may differ between attempts of one run: where it runs, how it saves, logs and exports.
@@ -97,7 +97,7 @@ def check_output_dir(recipe: Recipe, overwrite: bool) -> None:
 def archive_logs(run_dir: Path) -> None:
     """Move an earlier attempt's logs/rank-*.log files to logs/attempt-N/, so a rerun does not overwrite them."""
     logs = Path(run_dir) / "logs"
-    files = [p for p in logs.iterdir() if p.is_file()] if logs.is_dir() else []
+    files = [p for p in logs.iterdir() if p.is_file() and p.name.startswith("rank-")] if logs.is_dir() else []  # not Slurm's own
     if not files:
         return
     n = 1 + sum(1 for p in logs.iterdir() if p.is_dir() and p.name.startswith("attempt-"))

@@ -38,6 +38,6 @@ def test_two_nodes_rendezvous_and_train_like_one_node_with_two_ranks(tmp_path, c
     assert _losses(run_dir) == _losses(one_node) and len(_losses(run_dir)) == 6
 
 
-def test_multinode_needs_an_endpoint(cache_dir):
-    proc = run_sft(["plan", QUICKSTART, f"data.cache_dir={cache_dir}", "--nnodes", "2"])
-    assert proc.returncode == 2 and "needs `launch.rdzv_endpoint`" in proc.stderr
+def test_multinode_needs_an_endpoint(tmp_path, cache_dir):
+    proc = run_sft(["run", QUICKSTART, f"data.cache_dir={cache_dir}", f"output_dir={tmp_path / 'run'}", "--nnodes", "2"])
+    assert proc.returncode == 2 and "needs launch.rdzv_endpoint" in proc.stderr and not (tmp_path / "run" / "logs" / "rank-0.log").exists()

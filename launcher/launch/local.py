@@ -22,6 +22,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from launcher import checkpoint
+from launcher.errors import UserError
 from launcher.preemption import EXIT_RESUMABLE
 from launcher.worker import LAUNCHED_ENV
 
@@ -88,6 +89,13 @@ def launch(recipe_path: str, overrides: list, recipe) -> int:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     os.environ.update({k: str(v) for k, v in recipe.launch.env.items()})
     la = recipe.launch
+    if la.nnodes > 1:
+        host, _, port = (la.rdzv_endpoint or "").rpartition(":")
+        if not host or not port.isdigit():
+            raise UserError(
+                f"launch.nnodes={la.nnodes} needs launch.rdzv_endpoint (--rdzv-endpoint) as HOST:PORT of node 0, the same "
+                f"on every node; got {la.rdzv_endpoint!r}. `sft submit` fills it in on Slurm."
+            )
     nproc = la.nproc_per_node
     if nproc == 1 and la.nnodes == 1 and la.max_restarts == 0:
         from launcher.worker import main as worker_main
