@@ -117,7 +117,7 @@ def reference(tmp_path_factory, cache_dir):
     return get
 
 
-@pytest.mark.parametrize("config", ["ddp", "fsdp", "zero3-lora"])
+@pytest.mark.parametrize("config", ["ddp", "zero3-lora"])  # fsdp: the kill test below (fsdp-lora) and the reshard test
 def test_resume_from_a_checkpoint_path_is_bitwise_exact(config, reference, tmp_path, cache_dir):
     ref = reference(config)
     start = ref / "checkpoints" / f"step-{EVERY:06d}"

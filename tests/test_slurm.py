@@ -58,6 +58,7 @@ def test_usr1_checkpoints_requeues_and_finishes_like_an_uninterrupted_run(cluste
         assert time.monotonic() < deadline, "the job did not start training"
         time.sleep(0.2)
     subprocess.run(["scancel", "--signal=USR1", job], check=True, env={**os.environ, **cluster})
+    slurm_cluster.release_requeued(job, cluster)
     assert slurm_cluster.wait_until_done(job, cluster) == "COMPLETED"
     out = (run_dir / "logs" / f"slurm-{job}.out").read_text()
     assert "requeueing job" in out and "(restart 1)" in out and "resuming from" in out
