@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as torch_dist
@@ -46,8 +47,9 @@ class Dist:
                 self.barrier()
 
 
-def init() -> Dist:
-    """Join the process group described by torchrun's environment (a single process without it)."""
+def init(timeout_s: int = 1800) -> Dist:
+    """Join the process group described by torchrun's environment (a single process without it).
+    `timeout_s`: how long a collective waits for a peer before failing (launch.collective_timeout_s)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -63,7 +65,7 @@ def init() -> Dist:
         store, _, _ = next(torch_dist.rendezvous("env://", rank=rank, world_size=world))
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         store = torch_dist.PrefixStore(f"sft-launcher/attempt-{attempt}", store)
-        torch_dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
+        torch_dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
     return Dist(rank=rank, local_rank=local_rank, world_size=world, device=device)
 
 

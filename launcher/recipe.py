@@ -154,8 +154,10 @@ class LaunchConfig:
     rdzv_endpoint: Optional[str] = None
     # restarts of the whole worker group by the elastic agent after a worker dies
     max_restarts: int = 0
-    # extra environment variables for the workers
+    # extra environment variables for the workers (e.g. NCCL_SOCKET_IFNAME, NCCL_DEBUG)
     env: Dict[str, str] = field(default_factory=dict)
+    # how long a collective may wait for a peer before the run fails (a dead or hung node)
+    collective_timeout_s: int = 1800
 
 
 @dataclass

@@ -34,6 +34,8 @@ def validate(recipe: Recipe) -> None:
         if _get(recipe, key) < 1:
             raise RecipeError(f"`{key}` must be at least 1, got {_get(recipe, key)}.")
     la = recipe.launch
+    if la.collective_timeout_s < 1:
+        raise RecipeError(f"`launch.collective_timeout_s` must be at least 1 second, got {la.collective_timeout_s}.")
     if la.nnodes < 1 or not 0 <= la.node_rank < la.nnodes:
         raise RecipeError(f"`launch.node_rank` must be in [0, launch.nnodes) and nnodes >= 1; got node_rank={la.node_rank}, nnodes={la.nnodes}.")
     t = recipe.train

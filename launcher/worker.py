@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         stop = preemption.install(recipe.checkpoint.signal_grace_s)
-        dist = dist_mod.init()
+        dist = dist_mod.init(recipe.launch.collective_timeout_s)
         finished = False
         try:
             result = run(recipe, dist, stop)

@@ -41,8 +41,9 @@ def test_submit_runs_a_two_node_zero3_lora_job_and_values_stay_inert(cluster, tm
                    "lora.enabled=true", f"slurm.env={{SFT_TEST_VALUE: {json.dumps(nasty)}}}", env=cluster)
     job = _job(proc)
     assert slurm_cluster.wait_until_done(job, cluster) == "COMPLETED"
-    out = (run_dir / "logs" / f"slurm-{job}.out").read_text()
-    assert "world size 2 (1 per node x 2 nodes)" in out and "rendezvous at n1:" in out
+    assert "rendezvous at n1:" in (run_dir / "logs" / f"slurm-{job}.out").read_text()
+    for node in (0, 1):  # each node's `sft run` has its own log
+        assert "world size 2 (1 per node x 2 nodes)" in (run_dir / "logs" / f"slurm-{job}-node{node}.out").read_text()
     assert json.loads((run_dir / "final" / "export.json").read_text())["merged"]
     assert not marker.exists()  # the value reached the job as text, never as a command
     assert f"export SFT_TEST_VALUE={nasty!r}"[:20] in (run_dir / "submit.sbatch").read_text()
@@ -61,7 +62,8 @@ def test_usr1_checkpoints_requeues_and_finishes_like_an_uninterrupted_run(cluste
     slurm_cluster.release_requeued(job, cluster)
     assert slurm_cluster.wait_until_done(job, cluster) == "COMPLETED"
     out = (run_dir / "logs" / f"slurm-{job}.out").read_text()
-    assert "requeueing job" in out and "(restart 1)" in out and "resuming from" in out
+    assert "requeueing job" in out and "(restart 1)" in out
+    assert "resuming from" in (run_dir / "logs" / f"slurm-{job}-node0.out").read_text()
     stops = [json.loads((c / "trainer_state.json").read_text()) for c in (run_dir / "checkpoints").glob("step-*")]
     assert any(s["stopped_by"] == "SIGUSR1" and s["step"] < 40 for s in stops)
 
