@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -103,6 +104,10 @@ def main(argv=None) -> int:
             return _export(args, overrides)
         if args.command == "submit":
             return _submit(args, overrides)
+        if args.command == "run" and not any(o.startswith(("launch.nnodes=", "launch.node_rank=", "launch.rdzv_endpoint=")) for o in overrides):
+            from launcher.launch.slurm import from_allocation
+
+            overrides += from_allocation(os.environ)  # inside a multi-node srun step: be one node of it
         from launcher.plan import format_plan, make_plan
         from launcher.recipe import load_recipe
 

@@ -1,8 +1,9 @@
 """`sft submit`: render the sbatch script for a recipe and hand it to Slurm.
 
 The script (launcher/slurm/sft.sbatch, or `slurm.template`) runs one srun task per node; each
-task is `sft run RECIPE [overrides] --nnodes N --node-rank $SLURM_NODEID --rdzv-endpoint HEAD:PORT`,
-so Slurm jobs use the same launcher, checks and resume as `sft run` on one box. Every value put
+task is `sft run RECIPE [overrides]`, which finds its node rank, the node count and the head
+node in the step's environment (from_allocation), so Slurm jobs use the same launcher, checks and
+resume as `sft run` on one box. Every value put
 into the script is quoted here: a recipe value holding `$(...)`, backticks, quotes or a newline
 stays text (in #SBATCH lines, where nothing expands, a newline is refused instead).
 """
@@ -108,6 +109,27 @@ def _env_name(name: str) -> bool:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
         raise UserError(f"slurm.env: {name!r} is not an environment variable name (letters, digits and _ only).")
     return True
+
+
+def from_allocation(env) -> list:
+    """Inside an srun step of a multi-node allocation (one task per node): the overrides that make
+    `sft run` one node of it. The head node comes from the allocation's node list, not `hostname`
+    (which may say 127.0.0.1); the port from the job id, so jobs sharing a node do not collide."""
+    try:
+        nnodes, node, job = int(env["SLURM_NNODES"]), int(env["SLURM_NODEID"]), int(env["SLURM_JOB_ID"])
+        tasks = int(env["SLURM_STEP_NUM_TASKS"])  # set in srun steps only, not in the batch script itself
+    except (KeyError, ValueError):
+        return []
+    if nnodes < 2:
+        return []
+    if tasks != nnodes:
+        raise UserError(
+            f"sft run inside a Slurm step of {tasks} tasks on {nnodes} nodes: run one task per node "
+            "(srun --ntasks-per-node=1); each starts launch.nproc_per_node ranks itself."
+        )
+    nodelist = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]], capture_output=True, text=True, check=True)
+    head = nodelist.stdout.split()[0]
+    return [f"launch.nnodes={nnodes}", f"launch.node_rank={node}", f"launch.rdzv_endpoint={head}:{20000 + job % 20000}"]
 
 
 def submit(script: Path) -> str:
