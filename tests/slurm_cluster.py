@@ -14,11 +14,13 @@ import time
 from pathlib import Path
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
+# Seconds a job credential stays valid; Slurm's default (120) would hold every requeued job that long.
+CRED_EXPIRE_S = 10
 CONF = """ClusterName=sfttest
 SlurmctldHost=localhost
 SlurmctldPort={ctld_port}
 AuthType=auth/munge
-AuthInfo=cred_expire=10
+AuthInfo=cred_expire={cred_expire}
 CredType=cred/munge
 SlurmUser=root
 SlurmdUser=root
@@ -76,7 +78,7 @@ def start(root: Path) -> dict:
     for d in ("state", "spool"):
         (root / d).mkdir(parents=True, exist_ok=True)
     conf = root / "slurm.conf"
-    conf.write_text(CONF.format(root=root, ctld_port=16817, n1_port=17101, n2_port=17102))
+    conf.write_text(CONF.format(root=root, ctld_port=16817, n1_port=17101, n2_port=17102, cred_expire=CRED_EXPIRE_S))
     env = {**os.environ, "SLURM_CONF": str(conf)}
     subprocess.run(["slurmctld", "-f", str(conf), "-i"], check=True, env=env)
     for node in ("n1", "n2"):
@@ -110,12 +112,15 @@ def wait_until_done(job: str, env: dict, timeout: float = 900) -> str:
 
 
 def release_requeued(job: str, env: dict, timeout: float = 600) -> None:
-    """Slurm holds a requeued job back for a minute or two (BeginTime); start it now, as an admin can."""
+    """Slurm holds a requeued job back for a minute or two (BeginTime); start it once the previous
+    attempt's job credential has expired (AuthInfo=cred_expire=10), as an admin can. Sooner, slurmd
+    refuses the new launch ("Job credential revoked") and the job fails."""
     full = {**os.environ, **env}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, env=full).stdout
         if "Restarts=1" in out and "JobState=PENDING" in out:
+            time.sleep(CRED_EXPIRE_S + 5)
             subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=full, capture_output=True)
             return
         if "JobState=COMPLETED" in out or "JobState=FAILED" in out:
