@@ -25,15 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from export import REPO, build_model, run  # noqa: E402  (the same random Llama as the export benchmark)
+from export import REPO, build_model, run, scratch_dir  # noqa: E402  (the same random Llama as the export benchmark)
 
 ENGINES = {
     "ddp": ["strategy.backend=ddp"],
@@ -85,11 +83,9 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, help="default: a fresh temporary directory")
     p.add_argument("--keep", action="store_true", help="leave the work dir in place")
     args = p.parse_args()
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="sft-ckpt-bench-")).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     gb = 1e9
-    try:
+    with scratch_dir(args.workdir, args.keep, "sft-ckpt-bench-") as workdir:
         base = workdir / "base"
         params = build_model(base, args.hidden, args.layers, args.hidden * 11 // 4, args.heads, args.vocab)
         print(f"model: {params:,} parameters, float32 training (weights + AdamW moments = {params * 12 / gb:.2f} GB of state), 2 ranks, CPU", flush=True)
@@ -119,11 +115,6 @@ def main() -> None:
         print("\nA kill costs the restart (column 'restart s': process start, data, model, engine, checkpoint load) plus the "
               "steps since the last checkpoint: with the default checkpoint.every_minutes=30, 15 min on average and 30 at most; "
               "every_steps or a smaller every_minutes trade that for the save time above.")
-    finally:
-        if args.keep:
-            print(f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

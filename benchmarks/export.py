@@ -23,6 +23,7 @@ Run (from the repo root):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -31,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = REPO / "launcher" / "builtin" / "tokenizer"
@@ -91,6 +93,20 @@ def write_recipe(workdir: Path, base: Path) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def scratch_dir(workdir: Optional[Path], keep: bool, prefix: str):
+    """A benchmark's work dir: --workdir or a fresh temporary one, removed at the end unless --keep."""
+    path = Path(workdir or tempfile.mkdtemp(prefix=prefix)).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    finally:
+        if keep:
+            print(f"kept {path}")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def run(cmd: list, log: Path) -> None:
     """Run a setup step; on failure show its log and stop."""
     with open(log, "w") as f:
@@ -124,10 +140,8 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="leave the work dir in place")
     args = p.parse_args()
     intermediate = args.intermediate or args.hidden * 11 // 4
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="sft-export-bench-")).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
     py = sys.executable
-    try:
+    with scratch_dir(args.workdir, args.keep, "sft-export-bench-") as workdir:
         base, run_dir, adapter = workdir / "base", workdir / "run", workdir / "adapter"
         t = time.perf_counter()
         params = build_model(base, args.hidden, args.layers, intermediate, args.heads, args.vocab)
@@ -153,11 +167,6 @@ def main() -> None:
         print(f"{'ratio':10} {ours_s / base_s:9.2f} {ours_rss / base_rss:13.2f}   (ours / baseline)")
         print(f"ours includes the logit check (a reload of the exported model): max |diff| "
               f"{report['max_abs_logit_diff']:.3g} <= tolerance {report['tolerance']:.3g}; the baseline does no check.")
-    finally:
-        if args.keep:
-            print(f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

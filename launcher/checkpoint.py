@@ -174,7 +174,7 @@ def save(engine, run_dir: Path, step: int, dist, keep_last: int, state: dict, wr
     if not failed and dist.is_main:
         try:
             _hold_for_tests(tmp, step)
-            _commit(tmp, root / name, root, keep_last)
+            _commit(tmp, root, step, keep_last)
         except OSError as e:
             error = e
     failed = failed or _all_ok(dist, error is None)
@@ -192,7 +192,8 @@ def _remove(path: Path) -> None:
     shutil.rmtree(doomed)
 
 
-def _commit(tmp: Path, final: Path, root: Path, keep_last: int) -> None:
+def _commit(tmp: Path, root: Path, step: int, keep_last: int) -> None:
+    final = root / step_name(step)
     (tmp / COMPLETE).write_text("")
     if final.exists():  # the same step saved again (a resumed run passing an older run's step)
         _remove(final)
@@ -200,7 +201,6 @@ def _commit(tmp: Path, final: Path, root: Path, keep_last: int) -> None:
     pointer = root / ".latest.tmp"
     pointer.write_text(final.name + "\n")
     os.replace(pointer, root / "latest")  # atomic: readers see the old or the new name, never half
-    step = int(_STEP_DIR.match(final.name).group(1))
     older = [p for p in complete_checkpoints(root) if int(_STEP_DIR.match(p.name).group(1)) < step]
     for p in older[: max(0, len(older) - (keep_last - 1))]:
         _remove(p)

@@ -34,6 +34,7 @@ class StopRequest:
     grace_s: float
     signal_name: Optional[str] = None
     at: float = 0.0
+    sockets: tuple = ()  # the wakeup fd's socket pair, kept open as long as the request lives
 
     @property
     def requested(self) -> bool:
@@ -67,14 +68,13 @@ def _watch(sock: socket.socket, request: StopRequest) -> None:
 
 def install(grace_s: float) -> StopRequest:
     """Start watching for stop signals; call from the main thread before training."""
-    request = StopRequest(grace_s=grace_s)
     reader, writer = socket.socketpair()
     writer.setblocking(False)
+    request = StopRequest(grace_s=grace_s, sockets=(reader, writer))
     for s in STOP_SIGNALS:
         signal.signal(s, lambda *_: None)  # a Python-level handler is what makes the wakeup fd fire
     signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
     threading.Thread(target=_watch, args=(reader, request), daemon=True, name="stop-signals").start()
-    install.keep = (reader, writer)  # the sockets live as long as the process
     return request
 
 

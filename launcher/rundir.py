@@ -7,11 +7,10 @@ import shutil
 from pathlib import Path
 
 import yaml
+from omegaconf import OmegaConf
 
 from launcher import checkpoint
 from launcher.errors import UserError
-from omegaconf import OmegaConf
-
 from launcher.recipe import Recipe, to_dict
 
 # What a run writes; `--overwrite` removes only these.

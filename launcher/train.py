@@ -92,6 +92,10 @@ def train_step(engine, batches: list, dist, max_grad_norm: float) -> dict:
     return stats
 
 
+def _stopped_by(stop) -> str:
+    return (stop.signal_name if stop is not None else None) or "a signal on another rank"
+
+
 def _boundary(dist, stop, timed_save_due: bool) -> tuple:
     """Collective, once per step: stop now (a signal reached any rank)? A timed save due (rank 0's clock)?"""
     flags = dist.all_reduce_sum(torch.tensor([float(stop is not None and stop.requested), float(timed_save_due)]))
@@ -135,7 +139,7 @@ def train(recipe, engine, dist, prepared, schedule: Schedule, tokenizer, run_dir
         # Last, so nothing between here and the first step draws from the RNG (dropout must continue exactly).
         restore_rng(resumed, dist.rank)
     if _boundary(dist, stop, False)[0]:  # stopped while loading: nothing new to save
-        raise Preempted(start_step, stop.signal_name or "a signal on another rank")
+        raise Preempted(start_step, _stopped_by(stop))
     start = last_save = time.perf_counter()
     last = {}
     for step in range(start_step, schedule.total_steps):
@@ -170,7 +174,7 @@ def train(recipe, engine, dist, prepared, schedule: Schedule, tokenizer, run_dir
         timed = dist.is_main and ck.every_minutes > 0 and time.perf_counter() - last_save >= 60 * ck.every_minutes
         stopping, timed = _boundary(dist, stop, timed)
         if stopping or timed or (ck.every_steps and done % ck.every_steps == 0) or done == schedule.total_steps:
-            stopped_by = (stop.signal_name or "a signal on another rank") if stopping else None
+            stopped_by = _stopped_by(stop) if stopping else None
             tick = time.perf_counter()
             save_checkpoint(done, scheduler, stopped_by)
             last_save = time.perf_counter()

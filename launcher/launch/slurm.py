@@ -25,22 +25,23 @@ _PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 
 def _time_s(value: str) -> int:
     """Slurm's time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
-    days, _, rest = value.rpartition("-") if "-" in value else ("0", "", value)
+    days, _, rest = value.rpartition("-")
     parts = [int(p) for p in rest.split(":")]
-    if "-" in value:
+    if days:
         h, m, s = (parts + [0, 0])[:3]
     else:
-        h, m, s = {1: (0, parts[0], 0), 2: (0, parts[0], parts[1]), 3: tuple(parts)}[len(parts)]
-    return int(days) * 86400 + h * 3600 + m * 60 + s
+        h, m, s = {1: (0, parts[0], 0), 2: (0, *parts), 3: tuple(parts)}[len(parts)]
+    return int(days or 0) * 86400 + h * 3600 + m * 60 + s
 
 
-def _directive(option: str, value) -> str:
+def _directive_value(option: str, value) -> str:
+    """`value` as it may stand in an #SBATCH line, where nothing expands: no line break, no whitespace."""
     text = str(value)
     if any(c in text for c in "\n\r\0"):
-        raise UserError(f"slurm: the value for {option or 'extra_sbatch'} ({text!r}) contains a line break, which would end the #SBATCH line and run the rest as shell; remove it.")
-    if option and any(c.isspace() for c in text):
+        raise UserError(f"slurm: the value for {option} ({text!r}) contains a line break, which would end the #SBATCH line and run the rest as shell; remove it.")
+    if option != "extra_sbatch" and any(c.isspace() for c in text):
         raise UserError(f"slurm: the value for {option} ({text!r}) contains whitespace, which sbatch would split into other options; remove it.")
-    return f"#SBATCH {option}={text}" if option else f"#SBATCH {text}"
+    return text
 
 
 def check(recipe) -> None:
@@ -78,20 +79,23 @@ def render(recipe, recipe_path: str, overrides: list, workdir: Path) -> str:
     options = [("--partition", sl.partition), ("--account", sl.account), ("--qos", sl.qos), ("--constraint", sl.constraint),
                ("--time", sl.time), ("--mem", sl.mem), ("--cpus-per-task", sl.cpus_per_task),
                ("--gpus-per-node", sl.gpus_per_node or None)]
-    lines = [_directive(k, v) for k, v in options if v is not None]
+    lines = [f"#SBATCH {k}={_directive_value(k, v)}" for k, v in options if v is not None]
     if sl.exclusive:
         lines.append("#SBATCH --exclusive")
-    lines += [_directive("", extra) for extra in sl.extra_sbatch]
+    lines += [f"#SBATCH {_directive_value('extra_sbatch', extra)}" for extra in sl.extra_sbatch]
+    for name in sl.env:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise UserError(f"slurm.env: {name!r} is not an environment variable name (letters, digits and _ only).")
     command = [sys.executable, "-m", "launcher", "run", str(Path(recipe_path).resolve()), *overrides]
     values = {
-        "job_name": _directive("--job-name", recipe.name).split("=", 1)[1],
+        "job_name": _directive_value("--job-name", recipe.name),
         "nodes": str(sl.nodes),
-        "workdir": _directive("--chdir", workdir.resolve()).split("=", 1)[1],
+        "workdir": _directive_value("--chdir", workdir.resolve()),
         "log_dir": shlex.quote(str(run_dir / "logs")),
         "checkpoints": shlex.quote(str(run_dir / "checkpoints")),
         "signal_before_end_s": str(sl.signal_before_end_s),
         "sbatch_options": "\n".join(lines),
-        "env_exports": "\n".join(f"export {k}={shlex.quote(str(v))}" for k, v in sl.env.items() if _env_name(k)),
+        "env_exports": "\n".join(f"export {k}={shlex.quote(str(v))}" for k, v in sl.env.items()),
         "setup_lines": "\n".join(sl.setup),  # shell the user wrote to run: module load, source a venv
         "srun_args": " ".join(shlex.quote(a) for a in sl.srun_args),
         "sft_command": " ".join(shlex.quote(a) for a in command),
@@ -103,12 +107,6 @@ def render(recipe, recipe_path: str, overrides: list, workdir: Path) -> str:
             f"slurm.template {sl.template or '(launcher/slurm/sft.sbatch)'}: unknown variable {{{{{unknown[0]}}}}}. The variables are: {', '.join(sorted(values))}."
         )
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
-
-
-def _env_name(name: str) -> bool:
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-        raise UserError(f"slurm.env: {name!r} is not an environment variable name (letters, digits and _ only).")
-    return True
 
 
 def from_allocation(env) -> list:
