@@ -1,4 +1,5 @@
-"""Evaluation: loss, perplexity and token accuracy on the eval set, and exact match by generation.
+"""Evaluation: loss, perplexity and token accuracy on the eval set, and exact match by generation;
+for classification, loss, accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix.
 
 Every rank evaluates an equal-length shard (short shards are padded with a row whose
 labels are all ignored), so all ranks run the same number of forward passes: sharded
@@ -12,7 +13,7 @@ import math
 import torch
 from transformers import GenerationConfig
 
-from launcher.data.batches import pad_collate
+from launcher.data.batches import collate, pad_collate
 from launcher.data.tokenize import IGNORE
 
 
@@ -55,9 +56,104 @@ def _exact_match(module, dataset, indices: list, tokenizer, device) -> torch.Ten
     return hits
 
 
-def evaluate(engine, dist, dataset, micro: int, tokenizer, generate: int) -> dict:
+@torch.no_grad()
+def _sequence_predictions(model, dataset, indices: list, micro: int, pad_id: int, device, classes) -> tuple:
+    """(predicted class, true class) per real row, and [weighted loss sum, summed weights]."""
+    pairs, sums = [], torch.zeros(2, dtype=torch.float64)
+    for i in range(0, len(indices), micro):
+        chunk = indices[i : i + micro]
+        rows = dataset[[max(j, 0) for j in chunk]]
+        rows["class_id"] = [c if j >= 0 else IGNORE for j, c in zip(chunk, rows["class_id"])]
+        batch = {k: v.to(device) for k, v in collate({"input_ids": rows["input_ids"], "class_id": rows["class_id"]}, pad_id, classes.weights).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        per_row = torch.nn.functional.cross_entropy(logits, batch["class_ids"].clamp(min=0), reduction="none")
+        sums += torch.tensor([float((per_row * batch["example_weights"]).sum()), float(batch["example_weights"].sum())], dtype=torch.float64)
+        pairs += [(p, c) for p, c in zip(logits.argmax(-1).tolist(), rows["class_id"]) if c != IGNORE]
+    return pairs, sums
+
+
+@torch.no_grad()
+def _lm_predictions(model, dataset, indices: list, micro: int, pad_id: int, device, classes) -> tuple:
+    """Score every label's tokens after each row's prompt (sum of log-probabilities); the best is the
+    prediction. Returns (predicted, true) pairs and [-log p(true label) summed, true label tokens]."""
+    L = len(classes.names)
+    candidates = [(j, c) for j in indices for c in range(L)]  # equal length on every rank (indices are padded)
+    scores = torch.zeros(len(candidates), dtype=torch.float64)
+    for i in range(0, len(candidates), micro):
+        chunk = candidates[i : i + micro]
+        rows = dataset[[max(j, 0) for j, _ in chunk]]
+        ids = [row[: start] + classes.completions[c] for row, start, (_, c) in zip(rows["input_ids"], rows["reply_start"], chunk)]
+        labels = [[IGNORE] * start + classes.completions[c] for start, (_, c) in zip(rows["reply_start"], chunk)]
+        batch = {k: v.to(device) for k, v in pad_collate(ids, labels, pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        target = batch["labels"][:, 1:]
+        logp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        scores[i : i + len(chunk)] = (logp * (target != IGNORE)).sum(-1).double().cpu()
+    pairs, sums = [], torch.zeros(2, dtype=torch.float64)
+    true = dataset[[max(j, 0) for j in indices]]["class_id"] if indices else []
+    for k, j in enumerate(indices):
+        if j < 0:
+            continue
+        row_scores = scores[k * L : (k + 1) * L]
+        pairs.append((int(row_scores.argmax()), true[k]))
+        sums += torch.tensor([-float(row_scores[true[k]]), len(classes.completions[true[k]])], dtype=torch.float64)
+    return pairs, sums
+
+
+def classification_metrics(confusion: torch.Tensor, names: list) -> dict:
+    """Accuracy, macro-F1 and per-class precision/recall/F1/support from a confusion matrix (rows: true
+    class, columns: predicted). Macro-F1 averages the classes that occur in the labels or predictions."""
+    confusion = confusion.double()
+    hits, support, predicted = confusion.diag(), confusion.sum(1), confusion.sum(0)
+    precision = torch.where(predicted > 0, hits / predicted.clamp(min=1), 0.0)
+    recall = torch.where(support > 0, hits / support.clamp(min=1), 0.0)
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12), 0.0)
+    present = (support > 0) | (predicted > 0)
+    per_class = {
+        name: {"precision": float(precision[c]), "recall": float(recall[c]), "f1": float(f1[c]), "support": int(support[c])}
+        for c, name in enumerate(names)
+    }
+    return {
+        "eval_accuracy": float(hits.sum() / confusion.sum().clamp(min=1)),
+        "eval_macro_f1": float(f1[present].mean()) if bool(present.any()) else 0.0,
+        "eval_per_class": per_class,
+        "eval_confusion_matrix": {"labels": list(names), "rows_true_columns_predicted": confusion.long().tolist()},
+    }
+
+
+def classification_table(result: dict) -> str:
+    """Per-class precision/recall/F1/support and the confusion matrix, as text for people."""
+    per_class, matrix = result["eval_per_class"], result["eval_confusion_matrix"]
+    width = max(8, *(len(n) for n in per_class))
+    lines = [f"  {'class':<{width}}  precision  recall     f1  support"]
+    for name, m in per_class.items():
+        lines.append(f"  {name:<{width}}  {m['precision']:9.3f}  {m['recall']:6.3f}  {m['f1']:5.3f}  {m['support']:7d}")
+    lines.append("  confusion matrix (rows: true class, columns: predicted, in the order above)")
+    for name, row in zip(matrix["labels"], matrix["rows_true_columns_predicted"]):
+        lines.append(f"  {name:<{width}}  " + " ".join(f"{v:6d}" for v in row))
+    return "\n".join(lines)
+
+
+def _evaluate_classes(engine, dist, dataset, micro: int, pad_id: int, classes) -> dict:
+    shard = _shard(len(dataset), dist.rank, dist.world_size)
+    predict = _lm_predictions if classes.head == "lm" else _sequence_predictions
+    pairs, sums = predict(engine.model, dataset, shard, micro, pad_id, dist.device, classes)
+    C = len(classes.names)
+    confusion = torch.zeros(C, C, dtype=torch.float64)
+    for pred, true in pairs:
+        confusion[true, pred] += 1
+    total = dist.all_reduce_sum(torch.cat([confusion.flatten(), sums]))
+    loss_sum, n = total[-2:].tolist()
+    return {"eval_loss": loss_sum / max(n, 1e-12), **classification_metrics(total[:-2].reshape(C, C), classes.names)}
+
+
+def evaluate(engine, dist, dataset, micro: int, tokenizer, generate: int, classes=None) -> dict:
     model = engine.model
     model.eval()
+    if classes is not None:
+        result = _evaluate_classes(engine, dist, dataset, micro, tokenizer.pad_token_id, classes)
+        model.train()
+        return result
     sums = _loss_and_accuracy(model, dataset, _shard(len(dataset), dist.rank, dist.world_size), micro, tokenizer.pad_token_id, dist.device)
     loss_sum, n, correct = dist.all_reduce_sum(sums).tolist()
     result = {"eval_loss": loss_sum / n, "eval_perplexity": math.exp(min(loss_sum / n, 50.0)), "eval_token_accuracy": correct / n}

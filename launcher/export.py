@@ -60,15 +60,16 @@ def _check_base(base: Path, hf: Path, ckpt: Path) -> None:
         )
 
 
-def trained_model(ckpt: Path, recipe, state: dict, base: Path) -> torch.nn.Module:
+def trained_model(ckpt: Path, recipe, state: dict, base: Path, pad_token_id) -> torch.nn.Module:
     """The model as trained, on CPU: base (training dtype) + fp32 adapters, or full weights in fp32."""
     hf = ckpt / "hf"
+    head = dict(sequence_labels=state.get("sequence_labels"), pad_token_id=pad_token_id)
     if state["lora"]:
         _check_base(base, hf, ckpt)
-        model = add_lora(load_model(base, recipe.model, DTYPES[state["train_dtype"]], torch.device("cpu")), recipe.lora)
+        model = add_lora(load_model(base, recipe.model, DTYPES[state["train_dtype"]], torch.device("cpu"), **head), recipe.lora)
     else:
         # Weights come from the checkpoint: build an empty skeleton from its config, in fp32 (the master copy).
-        model = load_model(hf, recipe.model, torch.float32, torch.device("cpu"), weights=False)
+        model = load_model(hf, recipe.model, torch.float32, torch.device("cpu"), weights=False, **head)
         materialize(model, torch.device("cpu"))
     checkpoint.load_weights(ckpt, model)
     if not state["lora"]:
@@ -94,10 +95,11 @@ def _save_merged(model, lora: bool, dtype: torch.dtype, tokenizer, hf: Path, tmp
         model = model.merge_and_unload()
     model = model.to(dtype)
     model.config.use_cache = True  # turned off for training; serving wants it
-    generation = GenerationConfig.from_pretrained(hf) if (hf / "generation_config.json").is_file() else GenerationConfig()
-    generation.eos_token_id = end_of_turn_ids(tokenizer, model.config)
-    generation.pad_token_id = tokenizer.pad_token_id
-    model.generation_config = generation
+    if model.can_generate():  # a sequence classifier does not generate
+        generation = GenerationConfig.from_pretrained(hf) if (hf / "generation_config.json").is_file() else GenerationConfig()
+        generation.eos_token_id = end_of_turn_ids(tokenizer, model.config)
+        generation.pad_token_id = tokenizer.pad_token_id
+        model.generation_config = generation
     model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
     return sum(p.numel() for p in model.parameters())
 
@@ -111,15 +113,18 @@ def _save_adapter(model, dtype: torch.dtype, base: Path, tmp: Path) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _reload(tmp: Path, adapter_only: bool, base: Path, dtype: torch.dtype, train_dtype: torch.dtype, trust_remote_code: bool):
+def _reload(tmp: Path, adapter_only: bool, base: Path, dtype: torch.dtype, train_dtype: torch.dtype, trust_remote_code: bool, sequence_labels):
     """Load the written directory as a server would: plain transformers, or base + PeftModel."""
-    from transformers import AutoModelForCausalLM
+    from launcher.model import head_config, model_class
 
+    cls = model_class(sequence_labels)
     if not adapter_only:
-        return AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, trust_remote_code=trust_remote_code).eval()
+        return cls.from_pretrained(tmp, dtype=dtype, trust_remote_code=trust_remote_code).eval()
     from peft import PeftModel
 
-    base_model = AutoModelForCausalLM.from_pretrained(base, dtype=train_dtype, trust_remote_code=trust_remote_code)
+    head = head_config(sequence_labels, None)
+    head.pop("pad_token_id", None)
+    base_model = cls.from_pretrained(base, dtype=train_dtype, trust_remote_code=trust_remote_code, **head)
     return PeftModel.from_pretrained(base_model, tmp).eval()
 
 
@@ -149,7 +154,7 @@ def export(source: Path, out: Path, adapter_only: bool = False, overrides: Optio
     tokenizer = load_tokenizer(ckpt / "hf", recipe.model)
     prompts = json.loads((ckpt / "verify_prompts.json").read_text())
 
-    model = trained_model(ckpt, recipe, state, base)
+    model = trained_model(ckpt, recipe, state, base, tokenizer.pad_token_id)
     reference = logits(model, prompts)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
@@ -164,7 +169,9 @@ def export(source: Path, out: Path, adapter_only: bool = False, overrides: Optio
         tokenizer.save_pretrained(tmp)
         del model
         gc.collect()
-        exported = _reload(tmp, adapter_only, base, dtype, train_dtype, recipe.model.trust_remote_code)
+        if (ckpt / "classification.json").is_file():  # the label set (and the lm head's prompt) for serving
+            shutil.copyfile(ckpt / "classification.json", tmp / "classification.json")
+        exported = _reload(tmp, adapter_only, base, dtype, train_dtype, recipe.model.trust_remote_code, state.get("sequence_labels"))
         diff = max(float((a - b).abs().max()) for a, b in zip(logits(exported, prompts), reference))
         del exported
         tolerance = _tolerance(recipe, dtype, reference)

@@ -54,7 +54,7 @@ class Console:
 
     def eval(self, step: int, result: dict) -> None:
         if self.enabled:
-            text = " ".join(f"{k} {v:.4f}" for k, v in result.items())
+            text = " ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))  # tables go to metrics.jsonl
             (self.bar.write if self.bar is not None else lambda s: print(s, file=sys.stderr, flush=True))(f"eval at step {step}: {text}")
 
     def close(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import List, Optional
 
 import torch
 
@@ -49,23 +50,47 @@ def load_tokenizer(path: Path, cfg: ModelConfig):
     return tokenizer
 
 
-def load_model(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, weights: bool = True):
+def model_class(sequence_labels: Optional[List[str]] = None):
+    """AutoModelForSequenceClassification for a sequence classifier, else AutoModelForCausalLM."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if sequence_labels else AutoModelForCausalLM
+
+
+def head_config(sequence_labels: Optional[List[str]], pad_token_id: Optional[int]) -> dict:
+    """Config fields of a sequence classifier: its labels (what the exported config serves as
+    id2label) and the pad token, which decoder models need to find each row's last real token."""
+    if not sequence_labels:
+        return {}
+    return dict(
+        num_labels=len(sequence_labels),
+        id2label=dict(enumerate(sequence_labels)),
+        label2id={name: i for i, name in enumerate(sequence_labels)},
+        problem_type="single_label_classification",
+        pad_token_id=pad_token_id,
+    )
+
+
+def load_model(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, weights: bool = True,
+               sequence_labels: Optional[List[str]] = None, pad_token_id: Optional[int] = None):
     """The model from `path`; with weights=False its parameters are on the meta device (no memory,
     no file read) for an engine that fills them from another rank. Buffers stay real: some, such
-    as rotary frequencies, are computed at construction and are not in the checkpoint."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    as rotary frequencies, are computed at construction and are not in the checkpoint.
+    `sequence_labels`: a sequence classifier with these classes (its head is new unless `path` has one)."""
+    from transformers import AutoConfig
 
     kwargs = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
+    cls = model_class(sequence_labels)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **head_config(sequence_labels, pad_token_id))
     if weights:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
+        model = cls.from_pretrained(path, config=config, **kwargs).to(device)
     else:
         from accelerate import init_empty_weights
 
-        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, **kwargs)
+            model = cls.from_config(config, **kwargs)
         model.tie_weights()  # not done on meta; ranks must see the same parameter list as rank 0
         for module in model.modules():  # parameters stay on meta; buffers go where training runs
             for name, buf in module.named_buffers(recurse=False):
@@ -74,13 +99,15 @@ def load_model(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.d
     return model
 
 
-def lora_config(lora):
-    """peft's LoraConfig for the recipe's `lora` section."""
+def lora_config(lora, model=None):
+    """peft's LoraConfig for the recipe's `lora` section. For a sequence classifier peft also trains
+    the new classification head in full (it adds `score` / `classifier` to modules_to_save)."""
     from peft import LoraConfig
 
     targets = list(lora.target_modules)
+    sequence = model is not None and type(model).__name__.endswith("ForSequenceClassification")
     return LoraConfig(
-        task_type="CAUSAL_LM",
+        task_type="SEQ_CLS" if sequence else "CAUSAL_LM",
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
@@ -101,7 +128,7 @@ def add_lora(model, lora, adapter_dtype_follows_base: bool = False):
     from peft import get_peft_model
 
     try:
-        return get_peft_model(model, lora_config(lora), autocast_adapter_dtype=not adapter_dtype_follows_base)
+        return get_peft_model(model, lora_config(lora, model), autocast_adapter_dtype=not adapter_dtype_follows_base)
     except ValueError as e:
         linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise UserError(

@@ -29,6 +29,7 @@ class Plan:
     architecture: str
     params: int
     trainable: "int | None"  # LoRA: adapters and modules_to_save; None for full fine-tuning
+    task: str
     dtype: str
     end_of_turn: str
     world_size: int
@@ -39,26 +40,30 @@ class Plan:
     files: List[FileStats]
 
 
-def _model_config(path: Path, recipe: Recipe):
+def _model_config(path: Path, recipe: Recipe, sequence_labels=None, pad_token_id=None):
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    from launcher.model import head_config
 
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code, **head_config(sequence_labels, pad_token_id))
     except Exception as e:
         raise UserError(f"model.path: cannot read the config in {path}: {str(e).splitlines()[0]}. If the model needs custom code, set model.trust_remote_code: true.") from None
-    remote = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not remote:
-        raise UserError(f"model.path: {path} is a `{config.model_type}` model, which transformers cannot load as a causal LM (AutoModelForCausalLM).")
+    auto, known = ("AutoModelForSequenceClassification", MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES) if sequence_labels else ("AutoModelForCausalLM", MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    remote = auto in (getattr(config, "auto_map", None) or {})
+    if config.model_type not in known and not remote:
+        hint = " Use task.head: sequence for an encoder such as BERT." if auto == "AutoModelForCausalLM" and config.model_type in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES else ""
+        raise UserError(f"model.path: {path} is a `{config.model_type}` model, which transformers cannot load as {auto}.{hint}")
     return config
 
 
-def _count_params(config) -> int:
-    from transformers import AutoModelForCausalLM
+def _meta_model(config, recipe: Recipe, sequence_labels=None):
+    """The model's modules without weights or memory (shapes only)."""
+    from launcher.model import model_class
 
-    with torch.device("meta"):  # shapes only: no memory, no weights read
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=getattr(config, "trust_remote_code", False))
-    return sum(p.numel() for p in model.parameters())
+    with torch.device("meta"):
+        return model_class(sequence_labels).from_config(config, trust_remote_code=recipe.model.trust_remote_code)
 
 
 def check_strategy(recipe: Recipe, accumulation: int) -> None:
@@ -72,36 +77,36 @@ def check_strategy(recipe: Recipe, accumulation: int) -> None:
         make_config(recipe, recipe.launch.nproc_per_node * recipe.launch.nnodes, accumulation, "cuda" if gpu else "cpu")
 
 
-def check_lora(config, recipe: Recipe) -> int:
+def check_lora(config, recipe: Recipe, sequence_labels=None) -> int:
     """Apply the recipe's LoRA to a weightless copy of the model: unknown target modules fail here,
     not in the workers. Returns the number of trainable parameters."""
-    from transformers import AutoModelForCausalLM
-
     from launcher.model import add_lora
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
-        model = add_lora(model, recipe.lora)
+        model = add_lora(_meta_model(config, recipe, sequence_labels), recipe.lora)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def make_plan(recipe: Recipe) -> Plan:
     cache = cache_root(recipe.data.cache_dir)
     path = model_dir(recipe.model, cache)
-    config = _model_config(path, recipe)
     tokenizer = load_tokenizer(path, recipe.model)
+    classify = recipe.task.type == "classification"
     end_of_turn = tokenizer.eos_token or "?"
-    if recipe.data.format == "messages" and not tokenizer.chat_template:
+    if not classify and recipe.data.format == "messages" and not tokenizer.chat_template:
         raise UserError(
             f"data.format: messages needs a chat template, and the tokenizer in {path} has none. Use an instruct/chat "
             "model, add a chat_template to its tokenizer_config.json, or use data.format: completion."
         )
-    if tokenizer.chat_template and recipe.data.format in ("messages", "alpaca"):
+    if tokenizer.chat_template and (recipe.data.format in ("messages", "alpaca") or classify):
         try:
             end_of_turn = end_of_turn_check(tokenizer, [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}])
         except TemplateError as e:
             raise UserError(f"model.path: {e}.") from None
-    prepared = prepare(recipe.data, tokenizer, cache, recipe.seed)
+    prepared = prepare(recipe.data, tokenizer, cache, recipe.seed, recipe.task)
+    sequence_labels = prepared.classes.names if classify and recipe.task.head == "sequence" else None
+    config = _model_config(path, recipe, sequence_labels, tokenizer.pad_token_id)
+    skeleton = _meta_model(config, recipe, sequence_labels)  # the class training builds, without weights
     t = recipe.train
     if (t.eval_every or t.eval_generate or t.eval_at_start) and prepared.eval is None:
         raise UserError("train.eval_every / eval_generate / eval_at_start need eval data: set data.eval_files or data.eval_fraction.")
@@ -114,14 +119,15 @@ def make_plan(recipe: Recipe) -> Plan:
     if recipe.strategy.backend == "fsdp":
         from launcher.engines.fsdp import check_wrap_classes
 
-        check_wrap_classes(config, recipe)
-    trainable = check_lora(config, recipe) if recipe.lora.enabled else None
+        check_wrap_classes(skeleton, recipe)
+    trainable = check_lora(config, recipe, sequence_labels) if recipe.lora.enabled else None
     lengths = prepared.train.select(range(min(len(prepared.train), 2000)))["input_ids"]
     return Plan(
         model_path=path,
-        architecture=(config.architectures or [config.model_type])[0],
-        params=_count_params(config),
+        architecture=type(skeleton).__name__,
+        params=sum(p.numel() for p in skeleton.parameters()),
         trainable=trainable,
+        task=_task(recipe, prepared.classes),
         dtype=recipe.model.dtype,
         end_of_turn=end_of_turn,
         world_size=world,
@@ -131,6 +137,15 @@ def make_plan(recipe: Recipe) -> Plan:
         mean_tokens=sum(len(x) for x in lengths) / len(lengths),
         files=prepared.stats,
     )
+
+
+def _task(recipe: Recipe, classes) -> str:
+    if classes is None:
+        return f"sft on data.format {recipe.data.format}"
+    t = recipe.task
+    head = ("head lm: the label answers task.prompt; predictions score every label" if t.head == "lm"
+            else "head sequence: a classification head on the model" + (f", class weights {list(classes.weights)}" if t.class_weights else ""))
+    return f"classification of `{t.text_field}` into `{t.label_field}`: {len(classes.names)} classes ({', '.join(classes.names)}) from {classes.source}; {head}"
 
 
 def _gib(n: float) -> str:
@@ -165,13 +180,16 @@ def format_plan(plan: Plan, recipe: Recipe) -> str:
     state = plan.params * bytes_per + trained * bytes_per * 3
     lines = [
         f"model        {recipe.model.path} ({plan.architecture}, {plan.params / 1e6:.2f}M parameters, dtype {plan.dtype})",
-        f"             end-of-turn token {plan.end_of_turn!r} is trained so the model learns to stop",
+        *([f"             end-of-turn token {plan.end_of_turn!r} is trained so the model learns to stop"] if recipe.task.head != "sequence" or recipe.task.type == "sft" else []),
+        f"task         {plan.task}",
         f"lora         {_lora(recipe, plan)}",
         f"strategy     {_strategy(recipe)}, world size {plan.world_size} ({recipe.launch.nproc_per_node} per node x {recipe.launch.nnodes} nodes)",
         f"batch        micro {b.micro_batch_size} x accumulation {b.accumulation} x {b.world_size} ranks = global {b.global_batch} sequences"
         f" (~{b.global_batch * plan.mean_tokens:,.0f} tokens, mean {plan.mean_tokens:.0f} per sequence)",
         f"steps        {b.steps_per_epoch} per epoch, {s.total_steps} total, {s.warmup_steps} warmup ({recipe.train.lr_scheduler}, lr {recipe.train.lr:g})",
-        f"data         {plan.train_examples} train / {plan.eval_examples} eval examples, format {recipe.data.format}, max_seq_len {recipe.data.max_seq_len}",
+        f"data         {plan.train_examples} train / {plan.eval_examples} eval examples, "
+        f"{'format ' + recipe.data.format if recipe.task.type == 'sft' else 'fields ' + recipe.task.text_field + ' and ' + recipe.task.label_field}, "
+        f"max_seq_len {recipe.data.max_seq_len}",
     ]
     for f in plan.files:
         lines.append(

@@ -48,8 +48,19 @@ class DataConfig:
 
 @dataclass
 class TaskConfig:
-    # sft: supervised fine-tuning on the formats of `data.format`
+    # sft: supervised fine-tuning on the formats of `data.format` | classification: rows of text + label
     type: str = "sft"
+    # classification: lm (the label is the model's answer to `prompt`; predictions score every label) |
+    # sequence (AutoModelForSequenceClassification: a new head on the last non-pad token, or an encoder's)
+    head: str = "lm"
+    text_field: str = "text"
+    label_field: str = "label"
+    # the classes, in order; empty: every value of label_field in the training files, sorted
+    labels: List[str] = field(default_factory=list)
+    # head lm: the user turn (or, without a chat template, the text before the label); {text} and {labels}
+    prompt: str = "Classify the text as one of: {labels}.\n\nText: {text}"
+    # head sequence: per-class loss weights, in the order of `labels` (e.g. for imbalanced data); empty: all 1
+    class_weights: List[float] = field(default_factory=list)
 
 
 @dataclass

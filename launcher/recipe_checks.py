@@ -11,7 +11,8 @@ _CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "data.format": ("messages", "alpaca", "completion", "text"),
     "data.too_long": ("truncate", "drop", "error"),
-    "task.type": ("sft",),
+    "task.type": ("sft", "classification"),
+    "task.head": ("lm", "sequence"),
     "strategy.backend": ("ddp", "fsdp", "deepspeed"),
     "export.dtype": ("auto", "float32", "bfloat16", "float16"),
 }
@@ -76,6 +77,8 @@ def validate(recipe: Recipe) -> None:
             raise RecipeError("`lora.target_modules` is empty: name the modules to adapt (e.g. [q_proj, v_proj]) or use [all-linear].")
         if "all-linear" in lora.target_modules and len(lora.target_modules) > 1:
             raise RecipeError("`lora.target_modules`: `all-linear` already selects every linear layer; give it alone or list names instead.")
+    if recipe.task.type == "classification":
+        _check_classification(recipe)
     ck = recipe.checkpoint
     if ck.every_steps < 0 or ck.every_minutes < 0 or ck.keep_last < 1:
         raise RecipeError(
@@ -90,6 +93,42 @@ def validate(recipe: Recipe) -> None:
     if ex.verify_prompts < 1 or (ex.verify_tolerance is not None and ex.verify_tolerance < 0):
         raise RecipeError("`export.verify_prompts` must be >= 1 and `export.verify_tolerance` >= 0 (or unset for auto).")
     _check_size("export.max_shard_size", ex.max_shard_size)
+
+
+def _check_classification(recipe: Recipe) -> None:
+    task = recipe.task
+    if not task.text_field or not task.label_field or task.text_field == task.label_field:
+        raise RecipeError(f"`task.text_field` and `task.label_field` must be two different column names; got {task.text_field!r} and {task.label_field!r}.")
+    labels = list(task.labels)
+    if labels:
+        repeated = sorted({x for x in labels if labels.count(x) > 1})
+        if repeated:
+            raise RecipeError(f"`task.labels` lists {', '.join(map(repr, repeated))} more than once; list each class once.")
+        if any(not x.strip() for x in labels):
+            raise RecipeError("`task.labels` has an empty label; every class needs a name.")
+        if len(labels) < 2:
+            raise RecipeError(f"`task.labels` has a single class ({labels[0]!r}); classification needs at least two.")
+    if task.head == "lm":
+        try:
+            task.prompt.format(text="", labels="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise RecipeError(
+                f"`task.prompt` is not a valid template ({type(e).__name__}: {e}). It may use {{text}} and {{labels}}; "
+                "write a literal brace as {{{{ or }}}}."
+            ) from None
+        if "{text}" not in task.prompt:
+            raise RecipeError("`task.prompt` has no {text} placeholder, so the model would never see the text to classify. Add {text}.")
+        if task.class_weights:
+            raise RecipeError("`task.class_weights` is for `task.head: sequence`; with head lm the loss is on the label's tokens. Remove it or use head sequence.")
+    if task.class_weights:
+        if any(w <= 0 for w in task.class_weights):
+            raise RecipeError(f"`task.class_weights` must all be > 0; got {list(task.class_weights)}.")
+        if labels and len(task.class_weights) != len(labels):
+            raise RecipeError(f"`task.class_weights` has {len(task.class_weights)} weights for {len(labels)} labels; give one per label, in the order of `task.labels`.")
+        if not labels:
+            raise RecipeError("`task.class_weights` needs `task.labels` listed, so each weight has a known class.")
+    if recipe.train.eval_generate:
+        raise RecipeError("`train.eval_generate` is for sft; classification evaluates by scoring every label (eval_accuracy, eval_macro_f1). Remove it.")
 
 
 def _check_size(key: str, value: str) -> None:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers import get_scheduler
 
-from launcher.data.batches import BatchPlan, pad_collate
+from launcher.data.batches import BatchPlan, collate
 from launcher.data.tokenize import IGNORE
 from launcher.evaluate import evaluate
 from launcher.flops import MFU
@@ -63,26 +63,44 @@ def token_loss_sum(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
 
 
-def step_batches(dataset, schedule: Schedule, step: int, rank: int, pad_id: int, device) -> list:
+def class_loss_sum(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Sequence classification: the sum of each row's cross-entropy times its class weight; divided by
+    the step's summed weights this is torch's weighted-mean cross-entropy over the global batch."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    per_row = F.cross_entropy(logits, batch["class_ids"].clamp(min=0), reduction="none")
+    return (per_row * batch["example_weights"]).sum()
+
+
+def loss_sum(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    return class_loss_sum(model, batch) if "class_ids" in batch else token_loss_sum(model, batch)
+
+
+def target_count(batch: dict) -> float:
+    """What a batch's loss sum is normalised by: target tokens, or the summed class weights of its rows."""
+    if "class_ids" in batch:
+        return float(batch["example_weights"].sum())
+    return float((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def step_batches(dataset, schedule: Schedule, step: int, rank: int, pad_id: int, device, class_weights=None) -> list:
     out = []
     for indices in schedule.batches.micro_batches(step, rank):
-        rows = dataset[indices]
-        out.append({k: v.to(device) for k, v in pad_collate(rows["input_ids"], rows["labels"], pad_id).items()})
+        out.append({k: v.to(device) for k, v in collate(dataset[indices], pad_id, class_weights).items()})
     return out
 
 
 def accumulate_gradients(engine, batches: list, dist) -> dict:
     """Forward and backward over this rank's micro-batches of one step, normalised for the whole step."""
-    local_targets = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+    local_targets = sum(target_count(b) for b in batches)
     local_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     n_targets, n_tokens = dist.all_reduce_sum(torch.tensor([float(local_targets), float(local_tokens)])).tolist()
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    summed = torch.zeros((), dtype=torch.float64)
     for j, batch in enumerate(batches):
         with engine.accumulating(is_last_micro_batch=j == len(batches) - 1):
-            s = token_loss_sum(engine.model, batch)
+            s = loss_sum(engine.model, batch)
             engine.backward(s * (engine.grad_scale / n_targets))
-        loss_sum += s.detach().double().cpu()
-    loss = float(dist.all_reduce_sum(loss_sum)) / n_targets
+        summed += s.detach().double().cpu()
+    loss = float(dist.all_reduce_sum(summed)) / n_targets
     return {"loss": loss, "target_tokens": int(n_targets), "tokens": int(n_tokens)}
 
 
@@ -125,10 +143,13 @@ def train(recipe, engine, dist, prepared, schedule: Schedule, tokenizer, run_dir
     pad_id = tokenizer.pad_token_id
     mfu = MFU(engine.unwrapped(), dist.device)
 
+    classes = prepared.classes
+    class_weights = classes.weights if classes is not None else None
+
     def run_eval(step: int) -> dict:
         if prepared.eval is None:
             return {}
-        result = evaluate(engine, dist, prepared.eval, t.micro_batch_size, tokenizer, t.eval_generate)
+        result = evaluate(engine, dist, prepared.eval, t.micro_batch_size, tokenizer, t.eval_generate, classes)
         metrics.write({"step": step, **result})
         console.eval(step, result)
         return result
@@ -143,7 +164,7 @@ def train(recipe, engine, dist, prepared, schedule: Schedule, tokenizer, run_dir
     start = last_save = time.perf_counter()
     last = {}
     for step in range(start_step, schedule.total_steps):
-        batches = step_batches(prepared.train, schedule, step, dist.rank, pad_id, dist.device)
+        batches = step_batches(prepared.train, schedule, step, dist.rank, pad_id, dist.device, class_weights)
         tick = time.perf_counter()
         last = train_step(engine, batches, dist, t.max_grad_norm)
         lr = scheduler.get_last_lr()[0]

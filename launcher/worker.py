@@ -29,6 +29,11 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
+    import warnings
+
+    # DeepSpeed calls torch collectives that torch has renamed; the warning repeats on every call
+    # (hundreds of lines per step under ZeRO-3) and there is nothing a user can do about it.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 
 def run(recipe, dist, stop=None) -> dict:
@@ -54,7 +59,7 @@ def run(recipe, dist, stop=None) -> dict:
     with dist.local_main_first():  # one process per node tokenizes; the rest read its cache
         path = model_dir(recipe.model, cache)
         tokenizer = load_tokenizer(path, recipe.model)
-        prepared = prepare(recipe.data, tokenizer, cache, recipe.seed)
+        prepared = prepare(recipe.data, tokenizer, cache, recipe.seed, recipe.task)
     schedule = make_schedule(recipe.train, recipe.seed, recipe.data.shuffle, len(prepared.train), dist.world_size)
     resumed = resume.start_checkpoint(recipe)
     start_step = 0
@@ -72,10 +77,17 @@ def run(recipe, dist, stop=None) -> dict:
         fsdp = st.backend == "fsdp"
         dtype = torch.float32 if fsdp else resolve_dtype(recipe.model.dtype, dist.device)
         # FSDP: only rank 0 reads the weights; it scatters them into the shards after wrapping.
-        hf_model = load_model(path, recipe.model, dtype, dist.device, weights=not fsdp or dist.rank == 0)
+        classes = prepared.classes
+        sequence_labels = classes.names if classes is not None and classes.head == "sequence" else None
+        hf_model = load_model(path, recipe.model, dtype, dist.device, weights=not fsdp or dist.rank == 0,
+                              sequence_labels=sequence_labels, pad_token_id=tokenizer.pad_token_id)
         if recipe.model.gradient_checkpointing:
             # peft + ZeRO-3 + non-reentrant checkpointing raises CheckpointError (DESIGN.md, known traps).
             enable_gradient_checkpointing(hf_model, reentrant=recipe.lora.enabled and deepspeed and st.zero_stage == 3)
+        if recipe.lora.enabled:
+            # Loading draws from the RNG differently per engine (ZeRO-3 initialises a new classification
+            # head under its own partitioning): reseed so the adapters start the same on every engine.
+            set_seed(recipe.seed)
         model = add_lora(hf_model, recipe.lora, adapter_dtype_follows_base=deepspeed) if recipe.lora.enabled else hf_model
     engine = engines.build(recipe, model, dist, accumulation)
     if resumed is not None:
@@ -97,15 +109,20 @@ def run(recipe, dist, stop=None) -> dict:
         "lora": recipe.lora.enabled,
         "train_dtype": str(resolve_dtype(recipe.model.dtype, dist.device)).removeprefix("torch."),
         "base_model": str(Path(path).resolve()),
+        "sequence_labels": sequence_labels,  # a sequence classifier: export builds one with these classes
     }
 
     def write_extras(directory: Path) -> None:
         shutil.copyfile(run_dir / "recipe.yaml", directory / "recipe.yaml")
         hf_model.config.save_pretrained(directory / "hf")
-        if hf_model.generation_config is not None:
+        if getattr(hf_model, "generation_config", None) is not None:  # a sequence classifier has none
             hf_model.generation_config.save_pretrained(directory / "hf")
         tokenizer.save_pretrained(directory / "hf")
         (directory / "verify_prompts.json").write_text(json.dumps(verify_ids))
+        if classes is not None:
+            from launcher.data.classify import describe
+
+            (directory / "classification.json").write_text(json.dumps(describe(classes, recipe.task, tokenizer), indent=1))
 
     def save_checkpoint(step: int, scheduler, stopped_by) -> None:
         state = {**meta, "epoch": step / schedule.batches.steps_per_epoch, "scheduler": scheduler.state_dict(), "stopped_by": stopped_by}
@@ -128,10 +145,14 @@ def _summary(result: dict, run_dir: Path, exported: bool) -> None:
     loss = result["final_loss"]
     lines = [f"done: final train loss {loss:.4f}" if loss is not None else f"done: all {result['start_step']} steps were trained before"]
     first, final = result["first_eval"], result["final_eval"]
-    for key in ("eval_loss", "eval_token_accuracy", "eval_exact_match"):
+    for key in ("eval_loss", "eval_token_accuracy", "eval_exact_match", "eval_accuracy", "eval_macro_f1"):
         if key in final:
             before = f"{first[key]:.4f} -> " if key in first else ""
             lines.append(f"  {key}: {before}{final[key]:.4f}")
+    if "eval_per_class" in final:
+        from launcher.evaluate import classification_table
+
+        lines.append(classification_table(final))
     if exported:
         lines.append(f"  model: {run_dir / 'final'}")
     print("\n".join(lines), file=sys.stderr, flush=True)

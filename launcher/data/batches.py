@@ -12,7 +12,7 @@ Packing, when it comes, replaces `pad_collate` and the example-count arithmetic 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -52,14 +52,33 @@ class BatchPlan:
         return [mine[i : i + m] for i in range(0, len(mine), m)]
 
 
-def pad_collate(input_ids: List[List[int]], labels: List[List[int]], pad_id: int) -> Dict[str, torch.Tensor]:
-    """Right-pad to the longest row; padded labels are ignored by the loss."""
+def pad_collate(input_ids: List[List[int]], labels: Optional[List[List[int]]], pad_id: int) -> Dict[str, torch.Tensor]:
+    """Right-pad to the longest row; padded labels are ignored by the loss. No `labels`: no label tensor."""
     longest = max(len(r) for r in input_ids)
     ids = torch.full((len(input_ids), longest), pad_id, dtype=torch.long)
-    out_labels = torch.full((len(input_ids), longest), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(input_ids), longest), dtype=torch.long)
-    for i, (row, lab) in enumerate(zip(input_ids, labels)):
+    for i, row in enumerate(input_ids):
         ids[i, : len(row)] = torch.tensor(row)
-        out_labels[i, : len(lab)] = torch.tensor(lab)
         mask[i, : len(row)] = 1
-    return {"input_ids": ids, "labels": out_labels, "attention_mask": mask}
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if labels is not None:
+        batch["labels"] = torch.full((len(input_ids), longest), IGNORE, dtype=torch.long)
+        for i, lab in enumerate(labels):
+            batch["labels"][i, : len(lab)] = torch.tensor(lab)
+    return batch
+
+
+def collate(rows: Dict[str, list], pad_id: int, class_weights: Optional[List[float]] = None) -> Dict[str, torch.Tensor]:
+    """A micro-batch from dataset columns. Sequence-classification rows (a class_id, no token labels)
+    carry `class_ids` and `example_weights` (the class's loss weight; 0 where class_id is IGNORE)."""
+    if "labels" in rows:
+        return pad_collate(rows["input_ids"], rows["labels"], pad_id)
+    batch = pad_collate(rows["input_ids"], None, pad_id)
+    class_ids = torch.tensor(rows["class_id"], dtype=torch.long)
+    if class_weights:
+        weights = torch.tensor(class_weights, dtype=torch.float32)[class_ids.clamp(min=0)]
+    else:
+        weights = torch.ones(len(class_ids))
+    batch["class_ids"] = class_ids
+    batch["example_weights"] = torch.where(class_ids == IGNORE, 0.0, weights)
+    return batch

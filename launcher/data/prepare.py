@@ -20,6 +20,7 @@ import datasets
 import torch
 from datasets import Dataset, concatenate_datasets
 
+from launcher.data import classify
 from launcher.data.formats import to_example
 from launcher.data.tokenize import TemplateError, tokenize_completion, tokenize_conversation
 from launcher.errors import DataError
@@ -27,7 +28,7 @@ from launcher.recipe import DataConfig
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # Part of every fingerprint: bump when tokenization changes so old caches are not reused.
-TOKENIZATION_VERSION = 1
+TOKENIZATION_VERSION = 2
 
 
 @dataclass
@@ -46,6 +47,8 @@ class Prepared:
     train: Dataset
     eval: Optional[Dataset]
     stats: List[FileStats] = field(default_factory=list)
+    # task.type classification: the label set (and the lm head's label tokens)
+    classes: Optional[classify.Classes] = None
 
 
 def read_rows(path: str, cache: Path) -> Dataset:
@@ -80,9 +83,11 @@ def tokenizer_signature(tokenizer) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
-def fingerprint(path: str, cfg: DataConfig, tokenizer, is_eval: bool) -> str:
+def fingerprint(path: str, cfg: DataConfig, tokenizer, is_eval: bool, classes: Optional[classify.Classes] = None, task=None) -> str:
     st = os.stat(path)
     key = [str(Path(path).resolve()), st.st_size, st.st_mtime_ns, cfg.format, cfg.max_seq_len, cfg.too_long, is_eval, tokenizer_signature(tokenizer), TOKENIZATION_VERSION]
+    if classes is not None:
+        key += [classes.names, classes.head, task.text_field, task.label_field, task.prompt]
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]
 
 
@@ -118,15 +123,26 @@ def _tokenize_fn(cfg: DataConfig, tokenizer, file: str, too_long: str):
     return fn
 
 
-def tokenize_file(path: str, cfg: DataConfig, tokenizer, cache: Path, is_eval: bool = False) -> tuple:
+def _classify_fn(cfg: DataConfig, task, tokenizer, classes: classify.Classes, file: str, too_long: str):
+    def fn(row: Dict, index: int) -> Dict:
+        return classify.tokenize_row(row, index, file, task, tokenizer, classes, cfg.max_seq_len, too_long)
+
+    return fn
+
+
+def tokenize_file(path: str, cfg: DataConfig, tokenizer, cache: Path, is_eval: bool = False, classes=None, task=None) -> tuple:
     raw = read_rows(path, cache)
-    fp = fingerprint(path, cfg, tokenizer, is_eval)
+    fp = fingerprint(path, cfg, tokenizer, is_eval, classes, task)
     cache_file = cache / "tokenized" / f"{fp}.arrow"
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     # Eval data is truncated rather than dropped or rejected: it is measured, not trained on.
     too_long = "truncate" if is_eval and cfg.too_long == "drop" else cfg.too_long
+    if classes is not None:
+        fn = _classify_fn(cfg, task, tokenizer, classes, path, too_long)
+    else:
+        fn = _tokenize_fn(cfg, tokenizer, path, too_long)
     ds = raw.map(
-        _tokenize_fn(cfg, tokenizer, path, too_long),
+        fn,
         with_indices=True,
         remove_columns=raw.column_names,
         cache_file_name=str(cache_file),
@@ -147,10 +163,15 @@ def tokenize_file(path: str, cfg: DataConfig, tokenizer, cache: Path, is_eval: b
     return kept, stats
 
 
-def prepare(cfg: DataConfig, tokenizer, cache: Path, seed: int) -> Prepared:
+def prepare(cfg: DataConfig, tokenizer, cache: Path, seed: int, task=None) -> Prepared:
+    """`task`: the recipe's task section; classification rows need it (sft ignores it)."""
+    classes = None
+    if task is not None and task.type == "classification":
+        names = classify.collect_labels(task, {path: read_rows(path, cache) for path in cfg.train_files})
+        classes = classify.make_classes(task, tokenizer, names)
     parts, stats = [], []
     for path in cfg.train_files:
-        ds, st = tokenize_file(path, cfg, tokenizer, cache)
+        ds, st = tokenize_file(path, cfg, tokenizer, cache, classes=classes, task=task)
         parts.append(ds)
         stats.append(st)
     train = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
@@ -158,7 +179,7 @@ def prepare(cfg: DataConfig, tokenizer, cache: Path, seed: int) -> Prepared:
     if cfg.eval_files:
         eval_parts = []
         for path in cfg.eval_files:
-            ds, st = tokenize_file(path, cfg, tokenizer, cache, is_eval=True)
+            ds, st = tokenize_file(path, cfg, tokenizer, cache, is_eval=True, classes=classes, task=task)
             eval_parts.append(ds)
             stats.append(st)
         eval_ds = concatenate_datasets(eval_parts) if len(eval_parts) > 1 else eval_parts[0]
@@ -170,4 +191,4 @@ def prepare(cfg: DataConfig, tokenizer, cache: Path, seed: int) -> Prepared:
     if len(train) == 0:
         detail = "; ".join(f"{s.file}: {s.rows} rows, {s.dropped_too_long} too long, {s.dropped_no_target} with no target tokens" for s in stats)
         raise DataError(f"No training examples are left after filtering ({detail}). Raise data.max_seq_len or use data.too_long=truncate.")
-    return Prepared(train=train, eval=eval_ds if eval_ds is not None and len(eval_ds) else None, stats=stats)
+    return Prepared(train=train, eval=eval_ds if eval_ds is not None and len(eval_ds) else None, stats=stats, classes=classes)

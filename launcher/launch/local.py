@@ -103,6 +103,11 @@ def launch(recipe_path: str, overrides: list, recipe) -> int:
         return worker_main(worker_args)
 
     logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    if "OMP_NUM_THREADS" not in os.environ:
+        # Each worker's torch would otherwise start one thread per core: N ranks on a node run N x cores
+        # threads, and oversubscribed OpenMP threads spin (a 2-rank CPU run measured 6x slower).
+        # torchrun sets 1; this gives each rank its share of the cores this process may use.
+        os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // nproc))
     run_dir = Path(recipe.output_dir)
     log_dir = run_dir / "logs"
     # The agent forwards these to the workers (preemption.py), then waits shutdown_timeout for them to exit.
