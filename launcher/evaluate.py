@@ -63,12 +63,12 @@ def _sequence_predictions(model, dataset, indices: list, micro: int, pad_id: int
     for i in range(0, len(indices), micro):
         chunk = indices[i : i + micro]
         rows = dataset[[max(j, 0) for j in chunk]]
-        rows["class_id"] = [c if j >= 0 else IGNORE for j, c in zip(chunk, rows["class_id"])]
-        batch = {k: v.to(device) for k, v in collate({"input_ids": rows["input_ids"], "class_id": rows["class_id"]}, pad_id, classes.weights).items()}
+        true = [c if j >= 0 else IGNORE for j, c in zip(chunk, rows["class_id"])]  # a padding row has no class
+        batch = {k: v.to(device) for k, v in collate({"input_ids": rows["input_ids"], "class_id": true}, pad_id, classes.weights).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         per_row = torch.nn.functional.cross_entropy(logits, batch["class_ids"].clamp(min=0), reduction="none")
         sums += torch.tensor([float((per_row * batch["example_weights"]).sum()), float(batch["example_weights"].sum())], dtype=torch.float64)
-        pairs += [(p, c) for p, c in zip(logits.argmax(-1).tolist(), rows["class_id"]) if c != IGNORE]
+        pairs += [(p, c) for p, c in zip(logits.argmax(-1).tolist(), true) if c != IGNORE]
     return pairs, sums
 
 

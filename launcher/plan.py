@@ -30,6 +30,7 @@ class Plan:
     params: int
     trainable: "int | None"  # LoRA: adapters and modules_to_save; None for full fine-tuning
     task: str
+    classes: "object | None"  # data.classify.Classes of a classifier
     dtype: str
     end_of_turn: str
     world_size: int
@@ -128,6 +129,7 @@ def make_plan(recipe: Recipe) -> Plan:
         params=sum(p.numel() for p in skeleton.parameters()),
         trainable=trainable,
         task=_task(recipe, prepared.classes),
+        classes=prepared.classes,
         dtype=recipe.model.dtype,
         end_of_turn=end_of_turn,
         world_size=world,

@@ -38,9 +38,10 @@ def start_checkpoint(recipe) -> Optional[Path]:
         raise UserError(f"checkpoint.resume: {e}") from None
 
 
-def check(recipe, ckpt: Path, model_path: Path, global_batch: int, total_steps: int, world_size: int) -> list:
+def check(recipe, ckpt: Path, model_path: Path, global_batch: int, total_steps: int, world_size: int, classes=None) -> list:
     """Raise UserError naming everything that keeps `ckpt` from continuing `recipe`; otherwise
-    return the recipe keys that changed since the checkpoint (they take effect from its step on)."""
+    return the recipe keys that changed since the checkpoint (they take effect from its step on).
+    `classes`: a classifier's label set now (collected labels change when the data does)."""
     from launcher.rundir import FREE_KEYS, differences
 
     state = checkpoint.read_state(ckpt)
@@ -66,6 +67,11 @@ def check(recipe, ckpt: Path, model_path: Path, global_batch: int, total_steps: 
         compare(f"lora.{key}", old.get("lora", {}).get(key), new["lora"][key])
     compare("model.dtype", old.get("model", {}).get("dtype"), new["model"]["dtype"])
     problems += checkpoint.model_differences(ckpt / "hf", model_path)
+    info = ckpt / "classification.json"
+    labels_then = json.loads(info.read_text())["labels"] if info.is_file() else None
+    labels_now = classes.names if classes is not None else None
+    if labels_then != labels_now:
+        problems.append(f"its classes were {labels_then} and this run's are {labels_now} (class ids would change meaning)")
     if "global_batch" in state and state["global_batch"] != global_batch:
         problems.append(
             f"a step took {state['global_batch']} sequences there and takes {global_batch} now (micro batch x accumulation "

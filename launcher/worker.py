@@ -64,7 +64,7 @@ def run(recipe, dist, stop=None) -> dict:
     resumed = resume.start_checkpoint(recipe)
     start_step = 0
     if resumed is not None:
-        resume.check(recipe, resumed, path, schedule.batches.global_batch, schedule.total_steps, dist.world_size)
+        resume.check(recipe, resumed, path, schedule.batches.global_batch, schedule.total_steps, dist.world_size, prepared.classes)
         start_step = checkpoint.read_state(resumed)["step"]
     if dist.is_main:
         resume.trim_metrics(run_dir, start_step)  # the steps after the checkpoint are logged again

@@ -67,11 +67,11 @@ def test_classifier_trains_evaluates_and_exports(head, engine, lora, data, tmp_p
         "run", RECIPE, "--nproc", "2", f"output_dir={run_dir}", f"data.cache_dir={cache_dir}",
         f"data.train_files=[{data / 'train.jsonl'}]", f"data.eval_files=[{data / 'eval.jsonl'}]",
         f"task.head={head}", f"lora.enabled={str(lora).lower()}", "lora.r=8", f"train.lr={8e-3 if lora else 3e-3}",
-        "train.micro_batch_size=4", "train.max_steps=40", "train.eval_every=0", "logging.every_steps=4", *ENGINES[engine],
+        "train.micro_batch_size=8", "train.max_steps=20", "train.eval_every=0", "logging.every_steps=2", *ENGINES[engine],
     ])
     assert r.returncode == 0, r.stderr[-4000:]
     evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "eval_accuracy" in line]
-    assert [e["step"] for e in evals] == [0, 40]
+    assert [e["step"] for e in evals] == [0, 20]
     for e in evals:
         check_metrics(e)
         assert sum(e["eval_per_class"][name]["support"] for name in e["eval_per_class"]) == 48
@@ -141,6 +141,21 @@ def test_an_encoder_takes_a_sequence_head_on_fsdp(data, tiny_bert, tmp_path, cac
     config = json.loads((run_dir / "final" / "config.json").read_text())
     assert config["architectures"] == ["BertForSequenceClassification"] and config["id2label"]["0"] == "weather"
     EXPORTS.append((run_dir / "final", evals[-1]["eval_accuracy"]))
+
+
+def test_a_run_is_not_continued_when_the_collected_classes_changed(tmp_path, cache_dir):
+    train = tmp_path / "train.jsonl"
+    rows = [{"text": "rain again", "label": "weather"}, {"text": "fresh bread", "label": "food"}] * 4
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["run", RECIPE, f"output_dir={tmp_path / 'run'}", f"data.cache_dir={cache_dir}", f"data.train_files=[{train}]",
+            "data.eval_files=[]", "train.eval_at_start=false", "train.eval_every=0", "train.micro_batch_size=2", "export.on_finish=false"]
+    r = run_sft(args + ["train.max_steps=2"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(train, "a") as f:
+        f.write(json.dumps({"text": "new phone", "label": "tech"}) + "\n")
+    r = run_sft(args + ["train.max_steps=4"])  # extending the run is allowed; a new class under the same ids is not
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "its classes were ['food', 'weather'] and this run's are ['food', 'tech', 'weather']" in r.stderr
 
 
 def test_exported_classifiers_reproduce_eval_accuracy_in_a_fresh_process(data):

@@ -2,6 +2,7 @@
 node 0's c10d rendezvous and train one run together, with the numbers of a one-node 2-rank run."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -24,8 +25,11 @@ def test_two_nodes_rendezvous_and_train_like_one_node_with_two_ranks(tmp_path, c
     run_dir = tmp_path / "two-nodes"
     nodes = [["run", *common, f"output_dir={run_dir}", "--nproc", "1", "--nnodes", "2", "--node-rank", str(rank),
               "--rdzv-endpoint", f"127.0.0.1:{port}"] for rank in (1, 0)]  # node 1 first: it waits for node 0
+    # The two "nodes" share this host's cores, as the one-node run's 2 ranks do: one thread per rank in
+    # both, so the matmuls sum in the same order and the losses can be compared exactly.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-m", "launcher", *args], cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for args in nodes]
+                              stderr=subprocess.STDOUT, text=True, env=env) for args in nodes]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outputs)
     assert "world size 2 (1 per node x 2 nodes)" in outputs[1]
