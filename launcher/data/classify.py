@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-from launcher.data.tokenize import IGNORE, TemplateError, assistant_spans
+from launcher.data.tokenize import IGNORE, TemplateError, assistant_spans, too_long_status
 from launcher.errors import DataError
 
 
@@ -148,7 +148,7 @@ def tokenize_row(row: Dict, index: int, file: str, task, tokenizer, classes: Cla
         ids = tokenizer(text, add_special_tokens=True)["input_ids"]
         status = "ok"
         if len(ids) > max_len:
-            status = _too_long(file, index, len(ids), max_len, too_long)
+            status = too_long_status(file, index, len(ids), max_len, too_long)
             ids = tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_len)["input_ids"]
         return {"input_ids": ids, "class_id": class_id, "status": status, "n_targets": 1}
     answer = classes.completions[class_id]
@@ -156,7 +156,7 @@ def tokenize_row(row: Dict, index: int, file: str, task, tokenizer, classes: Cla
     status = "ok"
     longest = max(len(c) for c in classes.completions)
     if len(prompt) + longest > max_len:
-        status = _too_long(file, index, len(prompt) + longest, max_len, too_long)
+        status = too_long_status(file, index, len(prompt) + longest, max_len, too_long)
         budget = len(tokenizer(text, add_special_tokens=False)["input_ids"]) - (len(prompt) + longest - max_len)
         while budget > 0 and len(prompt) + longest > max_len:  # the template around the text stays whole
             prompt = prompt_ids(tokenizer, task, classes.names, _cut_text(tokenizer, text, budget))
@@ -173,12 +173,3 @@ def tokenize_row(row: Dict, index: int, file: str, task, tokenizer, classes: Cla
         "status": status,
         "n_targets": len(answer),
     }
-
-
-def _too_long(file: str, index: int, n: int, max_len: int, too_long: str) -> str:
-    if too_long == "error":
-        raise DataError(
-            f"{file}, row {index + 1}: {n} tokens is longer than data.max_seq_len={max_len}. "
-            "Raise data.max_seq_len, or set data.too_long to truncate or drop."
-        )
-    return "dropped_too_long" if too_long == "drop" else "truncated"

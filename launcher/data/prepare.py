@@ -22,7 +22,7 @@ from datasets import Dataset, concatenate_datasets
 
 from launcher.data import classify
 from launcher.data.formats import to_example
-from launcher.data.tokenize import TemplateError, tokenize_completion, tokenize_conversation
+from launcher.data.tokenize import TemplateError, tokenize_completion, too_long_status, tokenize_conversation
 from launcher.errors import DataError
 from launcher.recipe import DataConfig
 
@@ -105,12 +105,7 @@ def _tokenize_fn(cfg: DataConfig, tokenizer, file: str, too_long: str):
             enc = tokenize_completion(tokenizer, example["prompt"], example["completion"])
         status = "ok"
         if len(enc["input_ids"]) > cfg.max_seq_len:
-            if too_long == "error":
-                raise DataError(
-                    f"{file}, row {index + 1}: {len(enc['input_ids'])} tokens is longer than data.max_seq_len={cfg.max_seq_len}. "
-                    "Raise data.max_seq_len, or set data.too_long to truncate or drop."
-                )
-            status = "dropped_too_long" if too_long == "drop" else "truncated"
+            status = too_long_status(file, index, len(enc["input_ids"]), cfg.max_seq_len, too_long)
             for k in ("input_ids", "labels"):
                 enc[k] = enc[k][: cfg.max_seq_len]
             if enc["reply_end"] > cfg.max_seq_len:

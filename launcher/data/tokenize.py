@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Dict, List, Tuple
 
+from launcher.errors import DataError
+
 IGNORE = -100
 
 
@@ -70,6 +72,16 @@ def tokenize_completion(tokenizer, prompt: str, completion: str) -> Dict[str, Li
     ids = prompt_ids + completion_ids
     labels = [IGNORE] * len(prompt_ids) + completion_ids
     return {"input_ids": ids, "labels": labels, "reply_start": len(prompt_ids), "reply_end": len(ids)}
+
+
+def too_long_status(file: str, index: int, n: int, max_len: int, too_long: str) -> str:
+    """A row of `n` tokens is over data.max_seq_len: its status under data.too_long (error raises)."""
+    if too_long == "error":
+        raise DataError(
+            f"{file}, row {index + 1}: {n} tokens is longer than data.max_seq_len={max_len}. "
+            "Raise data.max_seq_len, or set data.too_long to truncate or drop."
+        )
+    return "dropped_too_long" if too_long == "drop" else "truncated"
 
 
 def end_of_turn_check(tokenizer, sample_messages: List[dict]) -> str:
