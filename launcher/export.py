@@ -113,7 +113,8 @@ def _save_adapter(model, dtype: torch.dtype, base: Path, tmp: Path) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _reload(tmp: Path, adapter_only: bool, base: Path, dtype: torch.dtype, train_dtype: torch.dtype, trust_remote_code: bool, sequence_labels):
+def _reload(tmp: Path, adapter_only: bool, base: Path, dtype: torch.dtype, train_dtype: torch.dtype, trust_remote_code: bool,
+            sequence_labels, pad_token_id):
     """Load the written directory as a server would: plain transformers, or base + PeftModel."""
     from launcher.model import head_config, model_class
 
@@ -122,9 +123,7 @@ def _reload(tmp: Path, adapter_only: bool, base: Path, dtype: torch.dtype, train
         return cls.from_pretrained(tmp, dtype=dtype, trust_remote_code=trust_remote_code).eval()
     from peft import PeftModel
 
-    head = head_config(sequence_labels, None)
-    head.pop("pad_token_id", None)
-    base_model = cls.from_pretrained(base, dtype=train_dtype, trust_remote_code=trust_remote_code, **head)
+    base_model = cls.from_pretrained(base, dtype=train_dtype, trust_remote_code=trust_remote_code, **head_config(sequence_labels, pad_token_id))
     return PeftModel.from_pretrained(base_model, tmp).eval()
 
 
@@ -171,7 +170,8 @@ def export(source: Path, out: Path, adapter_only: bool = False, overrides: Optio
         gc.collect()
         if (ckpt / "classification.json").is_file():  # the label set (and the lm head's prompt) for serving
             shutil.copyfile(ckpt / "classification.json", tmp / "classification.json")
-        exported = _reload(tmp, adapter_only, base, dtype, train_dtype, recipe.model.trust_remote_code, state.get("sequence_labels"))
+        exported = _reload(tmp, adapter_only, base, dtype, train_dtype, recipe.model.trust_remote_code, state.get("sequence_labels"),
+                           tokenizer.pad_token_id)
         diff = max(float((a - b).abs().max()) for a, b in zip(logits(exported, prompts), reference))
         del exported
         tolerance = _tolerance(recipe, dtype, reference)

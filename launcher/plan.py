@@ -14,6 +14,7 @@ from typing import List
 import torch
 
 from launcher.cache import cache_root
+from launcher.data.classify import sequence_labels
 from launcher.data.formats import FIELDS
 from launcher.data.prepare import FileStats, prepare
 from launcher.data.tokenize import TemplateError, end_of_turn_check
@@ -29,7 +30,6 @@ class Plan:
     architecture: str
     params: int
     trainable: "int | None"  # LoRA: adapters and modules_to_save; None for full fine-tuning
-    task: str
     classes: "object | None"  # data.classify.Classes of a classifier
     dtype: str
     end_of_turn: str
@@ -41,17 +41,17 @@ class Plan:
     files: List[FileStats]
 
 
-def _model_config(path: Path, recipe: Recipe, sequence_labels=None, pad_token_id=None):
+def _model_config(path: Path, recipe: Recipe, labels=None, pad_token_id=None):
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
     from launcher.model import head_config
 
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code, **head_config(sequence_labels, pad_token_id))
+        config = AutoConfig.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code, **head_config(labels, pad_token_id))
     except Exception as e:
         raise UserError(f"model.path: cannot read the config in {path}: {str(e).splitlines()[0]}. If the model needs custom code, set model.trust_remote_code: true.") from None
-    auto, known = ("AutoModelForSequenceClassification", MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES) if sequence_labels else ("AutoModelForCausalLM", MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    auto, known = ("AutoModelForSequenceClassification", MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES) if labels else ("AutoModelForCausalLM", MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
     remote = auto in (getattr(config, "auto_map", None) or {})
     if config.model_type not in known and not remote:
         hint = " Use task.head: sequence for an encoder such as BERT." if auto == "AutoModelForCausalLM" and config.model_type in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES else ""
@@ -59,12 +59,12 @@ def _model_config(path: Path, recipe: Recipe, sequence_labels=None, pad_token_id
     return config
 
 
-def _meta_model(config, recipe: Recipe, sequence_labels=None):
+def _meta_model(config, recipe: Recipe, labels=None):
     """The model's modules without weights or memory (shapes only)."""
     from launcher.model import model_class
 
     with torch.device("meta"):
-        return model_class(sequence_labels).from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+        return model_class(labels).from_config(config, trust_remote_code=recipe.model.trust_remote_code)
 
 
 def check_strategy(recipe: Recipe, accumulation: int) -> None:
@@ -78,13 +78,13 @@ def check_strategy(recipe: Recipe, accumulation: int) -> None:
         make_config(recipe, recipe.launch.nproc_per_node * recipe.launch.nnodes, accumulation, "cuda" if gpu else "cpu")
 
 
-def check_lora(config, recipe: Recipe, sequence_labels=None) -> int:
+def check_lora(config, recipe: Recipe, labels=None) -> int:
     """Apply the recipe's LoRA to a weightless copy of the model: unknown target modules fail here,
     not in the workers. Returns the number of trainable parameters."""
     from launcher.model import add_lora
 
     with torch.device("meta"):
-        model = add_lora(_meta_model(config, recipe, sequence_labels), recipe.lora)
+        model = add_lora(_meta_model(config, recipe, labels), recipe.lora)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -105,9 +105,9 @@ def make_plan(recipe: Recipe) -> Plan:
         except TemplateError as e:
             raise UserError(f"model.path: {e}.") from None
     prepared = prepare(recipe.data, tokenizer, cache, recipe.seed, recipe.task)
-    sequence_labels = prepared.classes.names if classify and recipe.task.head == "sequence" else None
-    config = _model_config(path, recipe, sequence_labels, tokenizer.pad_token_id)
-    skeleton = _meta_model(config, recipe, sequence_labels)  # the class training builds, without weights
+    labels = sequence_labels(prepared.classes)
+    config = _model_config(path, recipe, labels, tokenizer.pad_token_id)
+    skeleton = _meta_model(config, recipe, labels)  # the class training builds, without weights
     t = recipe.train
     if (t.eval_every or t.eval_generate or t.eval_at_start) and prepared.eval is None:
         raise UserError("train.eval_every / eval_generate / eval_at_start need eval data: set data.eval_files or data.eval_fraction.")
@@ -121,14 +121,13 @@ def make_plan(recipe: Recipe) -> Plan:
         from launcher.engines.fsdp import check_wrap_classes
 
         check_wrap_classes(skeleton, recipe)
-    trainable = check_lora(config, recipe, sequence_labels) if recipe.lora.enabled else None
+    trainable = check_lora(config, recipe, labels) if recipe.lora.enabled else None
     lengths = prepared.train.select(range(min(len(prepared.train), 2000)))["input_ids"]
     return Plan(
         model_path=path,
         architecture=type(skeleton).__name__,
         params=sum(p.numel() for p in skeleton.parameters()),
         trainable=trainable,
-        task=_task(recipe, prepared.classes),
         classes=prepared.classes,
         dtype=recipe.model.dtype,
         end_of_turn=end_of_turn,
@@ -182,8 +181,8 @@ def format_plan(plan: Plan, recipe: Recipe) -> str:
     state = plan.params * bytes_per + trained * bytes_per * 3
     lines = [
         f"model        {recipe.model.path} ({plan.architecture}, {plan.params / 1e6:.2f}M parameters, dtype {plan.dtype})",
-        *([f"             end-of-turn token {plan.end_of_turn!r} is trained so the model learns to stop"] if recipe.task.head != "sequence" or recipe.task.type == "sft" else []),
-        f"task         {plan.task}",
+        *([f"             end-of-turn token {plan.end_of_turn!r} is trained so the model learns to stop"] if sequence_labels(plan.classes) is None else []),
+        f"task         {_task(recipe, plan.classes)}",
         f"lora         {_lora(recipe, plan)}",
         f"strategy     {_strategy(recipe)}, world size {plan.world_size} ({recipe.launch.nproc_per_node} per node x {recipe.launch.nnodes} nodes)",
         f"batch        micro {b.micro_batch_size} x accumulation {b.accumulation} x {b.world_size} ranks = global {b.global_batch} sequences"

@@ -42,6 +42,7 @@ def run(recipe, dist, stop=None) -> dict:
 
     from launcher import engines, resume, rundir
     from launcher.cache import cache_root
+    from launcher.data.classify import sequence_labels
     from launcher.data.prepare import prepare
     from launcher.logs import MetricsLog
     from launcher.model import add_lora, enable_gradient_checkpointing, load_model, load_tokenizer, model_dir, resolve_dtype
@@ -78,9 +79,8 @@ def run(recipe, dist, stop=None) -> dict:
         dtype = torch.float32 if fsdp else resolve_dtype(recipe.model.dtype, dist.device)
         # FSDP: only rank 0 reads the weights; it scatters them into the shards after wrapping.
         classes = prepared.classes
-        sequence_labels = classes.names if classes is not None and classes.head == "sequence" else None
         hf_model = load_model(path, recipe.model, dtype, dist.device, weights=not fsdp or dist.rank == 0,
-                              sequence_labels=sequence_labels, pad_token_id=tokenizer.pad_token_id)
+                              sequence_labels=sequence_labels(classes), pad_token_id=tokenizer.pad_token_id)
         if recipe.model.gradient_checkpointing:
             # peft + ZeRO-3 + non-reentrant checkpointing raises CheckpointError (DESIGN.md, known traps).
             enable_gradient_checkpointing(hf_model, reentrant=recipe.lora.enabled and deepspeed and st.zero_stage == 3)
@@ -109,7 +109,7 @@ def run(recipe, dist, stop=None) -> dict:
         "lora": recipe.lora.enabled,
         "train_dtype": str(resolve_dtype(recipe.model.dtype, dist.device)).removeprefix("torch."),
         "base_model": str(Path(path).resolve()),
-        "sequence_labels": sequence_labels,  # a sequence classifier: export builds one with these classes
+        "sequence_labels": sequence_labels(classes),  # a sequence classifier: export builds one with these classes
     }
 
     def write_extras(directory: Path) -> None:

@@ -33,6 +33,11 @@ class Classes:
     source: str = "task.labels"
 
 
+def sequence_labels(classes: Optional[Classes]) -> Optional[List[str]]:
+    """The classes of a `head: sequence` run (whose model is a sequence classifier), else None."""
+    return classes.names if classes is not None and classes.head == "sequence" else None
+
+
 def label_value(value: Any, file: str, index: int, field: str) -> str:
     if value is None:
         raise DataError(f"{file}, row {index + 1}: missing field `{field}` (task.label_field). Every row needs a label; fix or remove the row.")

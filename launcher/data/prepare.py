@@ -125,8 +125,8 @@ def _classify_fn(cfg: DataConfig, task, tokenizer, classes: classify.Classes, fi
     return fn
 
 
-def tokenize_file(path: str, cfg: DataConfig, tokenizer, cache: Path, is_eval: bool = False, classes=None, task=None) -> tuple:
-    raw = read_rows(path, cache)
+def tokenize_file(path: str, raw: Dataset, cfg: DataConfig, tokenizer, cache: Path, is_eval: bool = False, classes=None, task=None) -> tuple:
+    """`raw`: the file's rows (read_rows)."""
     fp = fingerprint(path, cfg, tokenizer, is_eval, classes, task)
     cache_file = cache / "tokenized" / f"{fp}.arrow"
     cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -160,13 +160,13 @@ def tokenize_file(path: str, cfg: DataConfig, tokenizer, cache: Path, is_eval: b
 
 def prepare(cfg: DataConfig, tokenizer, cache: Path, seed: int, task=None) -> Prepared:
     """`task`: the recipe's task section; classification rows need it (sft ignores it)."""
+    train_rows = [(path, read_rows(path, cache)) for path in cfg.train_files]  # a file listed twice counts twice
     classes = None
     if task is not None and task.type == "classification":
-        names = classify.collect_labels(task, {path: read_rows(path, cache) for path in cfg.train_files})
-        classes = classify.make_classes(task, tokenizer, names)
+        classes = classify.make_classes(task, tokenizer, classify.collect_labels(task, dict(train_rows)))
     parts, stats = [], []
-    for path in cfg.train_files:
-        ds, st = tokenize_file(path, cfg, tokenizer, cache, classes=classes, task=task)
+    for path, raw in train_rows:
+        ds, st = tokenize_file(path, raw, cfg, tokenizer, cache, classes=classes, task=task)
         parts.append(ds)
         stats.append(st)
     train = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
@@ -174,7 +174,7 @@ def prepare(cfg: DataConfig, tokenizer, cache: Path, seed: int, task=None) -> Pr
     if cfg.eval_files:
         eval_parts = []
         for path in cfg.eval_files:
-            ds, st = tokenize_file(path, cfg, tokenizer, cache, is_eval=True, classes=classes, task=task)
+            ds, st = tokenize_file(path, read_rows(path, cache), cfg, tokenizer, cache, is_eval=True, classes=classes, task=task)
             eval_parts.append(ds)
             stats.append(st)
         eval_ds = concatenate_datasets(eval_parts) if len(eval_parts) > 1 else eval_parts[0]
