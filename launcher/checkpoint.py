@@ -5,7 +5,7 @@ Layout of `output_dir/checkpoints/`:
     .partial-step-000040/   being written (ignored; removed by the next save or `sft run`)
     step-000040/
       model/                 the engine's own files: DCP (ddp, fsdp) or DeepSpeed's tag dir
-      rng/rank-00000.pt      python, numpy and torch RNG state of each rank
+      rng/rank-00000.safetensors  torch and CUDA RNG state of each rank (python's, numpy's as JSON metadata)
       trainer_state.json     step, epoch, global batch, LR scheduler, engine, dtype, base model, stopped_by
       recipe.yaml            the run's resolved recipe
       hf/                    config, generation config, tokenizer (what export needs besides weights)
@@ -96,9 +96,35 @@ def model_differences(checkpoint_hf: Path, model_path: Path) -> list:
     ]
 
 
-def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+def _rng_file(ckpt: Path, rank: int, suffix: str = ".safetensors") -> Path:
+    return ckpt / "rng" / f"rank-{rank:05d}{suffix}"
+
+
+def save_rng(path: Path) -> None:
+    """This rank's RNG states as safetensors (torch's, and its own CUDA device's) with python's and
+    numpy's states as JSON in the metadata: no pickle, so a checkpoint from elsewhere cannot run code.
+    Only this rank's device: a resume on fewer GPUs per node has no device for the others."""
+    from safetensors.torch import save_file
+
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
+    meta = {"python": json.dumps([version, list(words), gauss]),
+            "numpy": json.dumps([kind, keys.tolist(), int(pos), int(has_gauss), float(cached)])}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def local_cuda_state(saved, device_index: int) -> Optional[torch.Tensor]:
+    """The CUDA RNG state for this process's device from what a rank saved: its own device's state
+    (a tensor), or in checkpoints written before, one state per device of its node (a list), of
+    which only this rank's own counts. None when there is none for it."""
+    if isinstance(saved, torch.Tensor):
+        return saved
+    if isinstance(saved, (list, tuple)) and device_index < len(saved):
+        return saved[device_index]
+    return None
 
 
 def remove_partials(run_dir: Path) -> list:
@@ -162,7 +188,7 @@ def save(engine, run_dir: Path, step: int, dist, keep_last: int, state: dict, wr
     if not failed:
         try:
             engine.save_checkpoint(tmp / "model")
-            torch.save(_rng_state(), tmp / "rng" / f"rank-{dist.rank:05d}.pt")
+            save_rng(_rng_file(tmp, dist.rank))
             if dist.is_main:
                 (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "world_size": dist.world_size, **state}, indent=2))
                 write_extras(tmp)
@@ -206,17 +232,39 @@ def _commit(tmp: Path, root: Path, step: int, keep_last: int) -> None:
         _remove(p)
 
 
+def _read_rng(ckpt: Path, rank: int) -> Optional[dict]:
+    path = _rng_file(ckpt, rank)
+    if path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        version, words, gauss = json.loads(meta["python"])
+        kind, keys, pos, has_gauss, cached = json.loads(meta["numpy"])
+        state["python"] = (version, tuple(words), gauss)
+        state["numpy"] = (kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached)
+        return state
+    legacy = _rng_file(ckpt, rank, ".pt")  # checkpoints written before: a pickle, read without running code
+    if legacy.is_file():
+        allowed = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(legacy, map_location="cpu", weights_only=True)
+    return None
+
+
 def restore_rng(ckpt: Path, rank: int) -> bool:
-    """Put back this rank's python, numpy and torch RNG states; False if the checkpoint has none for it."""
-    path = ckpt / "rng" / f"rank-{rank:05d}.pt"
-    if not path.is_file():
+    """Put back this rank's python, numpy, torch and CUDA RNG states; False if the checkpoint has none for it."""
+    state = _read_rng(ckpt, rank)
+    if state is None:
         return False
-    state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: numpy's state is not a tensor
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if torch.cuda.is_available():
+        cuda = local_cuda_state(state.get("cuda"), torch.cuda.current_device())
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, torch.cuda.current_device())
     return True
 
 

@@ -64,7 +64,7 @@ def _submit(args, overrides) -> int:
     nodes = load_recipe(args.recipe, overrides).slurm.nodes
     recipe = load_recipe(args.recipe, overrides + [f"launch.nnodes={nodes}"])  # the plan counts every node's ranks
     slurm.check(recipe)
-    text = format_plan(make_plan(recipe), recipe)
+    text = format_plan(make_plan(recipe, here=False), recipe)  # the job's nodes have the GPUs, not this one
     print(text, flush=True)
     rundir.check_output_dir(recipe, overwrite=False)
     rendered = slurm.render(recipe, args.recipe, overrides, Path.cwd())

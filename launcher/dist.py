@@ -47,6 +47,13 @@ class Dist:
                 self.barrier()
 
 
+def backend_for(device: torch.device) -> str:
+    """The process group's backends: the loop all-reduces CPU tensors (token counts, stop flags,
+    checkpoint agreement) on every device, which NCCL alone refuses, so CUDA runs get gloo for CPU
+    tensors and NCCL for CUDA tensors in one group."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
 def init(timeout_s: int = 1800) -> Dist:
     """Join the process group described by torchrun's environment (a single process without it).
     `timeout_s`: how long a collective waits for a peer before failing (launch.collective_timeout_s)."""
@@ -59,7 +66,7 @@ def init(timeout_s: int = 1800) -> Dist:
     else:
         device = torch.device("cpu")
     if world > 1 and not torch_dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = backend_for(device)
         # The elastic agent's store outlives a restart, and gloo would read the dead attempt's peer
         # addresses from it (connect: refused): each attempt gets keys of its own.
         store, _, _ = next(torch_dist.rendezvous("env://", rank=rank, world_size=world))

@@ -78,6 +78,39 @@ def check_strategy(recipe: Recipe, accumulation: int) -> None:
         make_config(recipe, recipe.launch.nproc_per_node * recipe.launch.nnodes, accumulation, "cuda" if gpu else "cpu")
 
 
+# Flash-attention implementations transformers selects by name, and the distribution each needs.
+FLASH_ATTENTION = {"flash_attention_2": "flash-attn", "flash_attention_3": "flash-attn-3", "flash_attention_4": "flash-attn-4"}
+
+
+def check_attention(recipe: Recipe, cuda: "bool | None") -> None:
+    """model.attn_implementation: a flash-attention name needs its package and a CUDA GPU; a Hub
+    kernel name (`org/repo[@rev][:fn]`) needs the `kernels` package. `cuda`: whether the run starts
+    on this machine and it has a GPU (`sft submit` plans on a login node: it checks packages only)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    name = recipe.model.attn_implementation
+    if not name:
+        return
+    hub_kernel = "/" in name
+    package = "kernels" if hub_kernel else FLASH_ATTENTION.get(name)
+    if package is None:
+        return  # eager, sdpa, flex_attention...: transformers checks those against the model itself
+    try:
+        distribution(package)
+    except PackageNotFoundError:
+        how = ("it loads the kernel from the Hub (or the HF cache) through the `kernels` package" if hub_kernel
+               else f"transformers imports it from the `{package}` package (a wheel built for your torch and CUDA)")
+        raise UserError(
+            f"model.attn_implementation: {name} is not available here: {how}, which is not installed in this Python "
+            f"environment. Install {package}, or leave model.attn_implementation unset (sdpa, torch's fused attention)."
+        ) from None
+    if cuda is False and (not hub_kernel or "flash" in name):
+        raise UserError(
+            f"model.attn_implementation: {name} runs on NVIDIA GPUs only, and torch sees no CUDA device here. "
+            "Run where the GPUs are, or leave model.attn_implementation unset (sdpa) to train on CPU."
+        )
+
+
 def check_lora(config, recipe: Recipe, labels=None) -> int:
     """Apply the recipe's LoRA to a weightless copy of the model: unknown target modules fail here,
     not in the workers. Returns the number of trainable parameters."""
@@ -88,7 +121,9 @@ def check_lora(config, recipe: Recipe, labels=None) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def make_plan(recipe: Recipe) -> Plan:
+def make_plan(recipe: Recipe, here: bool = True) -> Plan:
+    """`here`: the workers start on this machine (sft plan, sft run), so its hardware counts; False
+    for `sft submit`, whose job runs on other nodes."""
     cache = cache_root(recipe.data.cache_dir)
     path = model_dir(recipe.model, cache)
     tokenizer = load_tokenizer(path, recipe.model)
@@ -117,6 +152,7 @@ def make_plan(recipe: Recipe) -> Plan:
     except ValueError as e:
         raise UserError(str(e)) from None
     check_strategy(recipe, schedule.batches.accumulation)
+    check_attention(recipe, cuda=torch.cuda.is_available() if here else None)
     if recipe.strategy.backend == "fsdp":
         from launcher.engines.fsdp import check_wrap_classes
 

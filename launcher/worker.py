@@ -37,7 +37,6 @@ def _quiet_libraries() -> None:
 
 
 def run(recipe, dist, stop=None) -> dict:
-    import torch
     from transformers import set_seed
 
     from launcher import engines, resume, rundir
@@ -74,9 +73,9 @@ def run(recipe, dist, stop=None) -> dict:
     st = recipe.strategy
     deepspeed = st.backend == "deepspeed"
     with engines.model_init(recipe, dist, accumulation):
-        # FSDP keeps fp32 master weights and casts to the compute dtype itself (MixedPrecisionPolicy).
+        # fsdp and ddp keep fp32 master weights and compute in bf16 themselves; DeepSpeed loads bf16 (engines.load_dtype).
         fsdp = st.backend == "fsdp"
-        dtype = torch.float32 if fsdp else resolve_dtype(recipe.model.dtype, dist.device)
+        dtype = engines.load_dtype(recipe, dist.device)
         # FSDP: only rank 0 reads the weights; it scatters them into the shards after wrapping.
         classes = prepared.classes
         hf_model = load_model(path, recipe.model, dtype, dist.device, weights=not fsdp or dist.rank == 0,

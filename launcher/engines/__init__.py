@@ -43,14 +43,37 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def adamw(model: torch.nn.Module, train_cfg) -> torch.optim.AdamW:
-    """torch's AdamW from the recipe's train section, the same on every engine (so their numbers agree)."""
+def adamw(model: torch.nn.Module, train_cfg, fused_on_cuda: bool = False) -> torch.optim.AdamW:
+    """torch's AdamW from the recipe's train section, the same on every engine (so their numbers agree).
+
+    `fused_on_cuda`: use the fused kernel (one launch per step instead of several per tensor) when
+    every trainable parameter is a floating CUDA tensor. Elsewhere torch's default stays (for-loop on
+    CPU, so CPU numbers are as before; foreach on CUDA). DeepSpeed passes False: it swaps the
+    groups' parameters for its own flat partitions, which may live on the CPU (offload)."""
+    groups = param_groups(model, train_cfg.weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    fused = fused_on_cuda and bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
     return torch.optim.AdamW(
-        param_groups(model, train_cfg.weight_decay),
+        groups,
         lr=train_cfg.lr,
         betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
         eps=train_cfg.adam_eps,
+        **({"fused": True} if fused else {}),
     )
+
+
+def load_dtype(recipe, device: torch.device) -> torch.dtype:
+    """The dtype the worker loads weights in, per engine. fsdp and ddp keep fp32 master weights and
+    compute in the training dtype themselves (fsdp: MixedPrecisionPolicy; ddp: autocast), except that
+    a LoRA base under ddp, frozen and never updated, stays in the training dtype (peft keeps the
+    adapters fp32). DeepSpeed gets the training dtype and keeps its own fp32 master copy."""
+    from launcher.model import resolve_dtype
+
+    train_dtype = resolve_dtype(recipe.model.dtype, device)
+    backend = recipe.strategy.backend
+    if backend == "fsdp" or (backend == "ddp" and not recipe.lora.enabled):
+        return torch.float32
+    return train_dtype
 
 
 @contextlib.contextmanager
@@ -116,7 +139,9 @@ def build(recipe, model, dist, accumulation: int):
     if backend == "ddp":
         from launcher.engines.ddp import DDPEngine
 
-        return DDPEngine.create(model, recipe.train, dist)
+        from launcher.model import resolve_dtype
+
+        return DDPEngine.create(model, recipe.train, dist, compute_dtype=resolve_dtype(recipe.model.dtype, dist.device))
     if backend == "fsdp":
         from launcher.engines.fsdp import FSDPEngine
 

@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from launcher.engines import adamw, dcp_load, dcp_save
+
+
+def autocast_forward(model: torch.nn.Module, device_type: str, dtype: torch.dtype) -> None:
+    """Run the transformers model's own forward under torch.autocast, as accelerate does, so that
+    training, evaluation and `generate` (which calls the inner model, not peft's wrapper) all get it."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    forward = inner.forward
+
+    @functools.wraps(forward)
+    def forward_in_autocast(*args, **kwargs):
+        with torch.autocast(device_type, dtype=dtype):
+            return forward(*args, **kwargs)
+
+    inner.forward = forward_in_autocast
 
 
 @dataclass
@@ -19,8 +34,17 @@ class DDPEngine:
     _module: torch.nn.Module
 
     @classmethod
-    def create(cls, model: torch.nn.Module, train_cfg, dist) -> "DDPEngine":
-        optimizer = adamw(model, train_cfg)
+    def create(cls, model: torch.nn.Module, train_cfg, dist, compute_dtype: torch.dtype = torch.float32) -> "DDPEngine":
+        """`compute_dtype` bfloat16: mixed precision as FSDP's MixedPrecisionPolicy does it. What is
+        trained is fp32 (master weights, AdamW moments, the gradient all-reduce); forward and backward
+        run under autocast. Updates far below a bf16 ulp of the weight would round away otherwise."""
+        if compute_dtype != torch.float32:
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+                        p.data = p.data.float()  # same Parameter object: ties and peft's references hold
+            autocast_forward(model, dist.device.type, compute_dtype)
+        optimizer = adamw(model, train_cfg, fused_on_cuda=True)
         wrapped = model
         if dist.distributed:
             ids = [dist.device.index] if dist.device.type == "cuda" else None

@@ -130,7 +130,10 @@ def _ensure_process_group(dist) -> None:
     import deepspeed
     import torch.distributed as torch_dist
 
-    backend = "nccl" if dist.device.type == "cuda" else "gloo"
+    from launcher.dist import backend_for
+
+    # gloo for the loop's CPU collectives, NCCL for DeepSpeed's CUDA ones (launcher/dist.py).
+    backend = backend_for(dist.device)
     if not torch_dist.is_initialized():
         import socket
 
@@ -138,7 +141,9 @@ def _ensure_process_group(dist) -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         torch_dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    deepspeed.init_distributed(dist_backend=backend)  # wraps the existing group
+    # With a group in place DeepSpeed only wraps it (TorchBackend skips init_process_group), so the
+    # combined backend string is never parsed by DeepSpeed itself.
+    deepspeed.init_distributed(dist_backend=backend)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import distribute_tensor
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+from launcher.dist import backend_for
 from launcher.engines import adamw, dcp_load, dcp_save
 from launcher.errors import UserError
 from launcher.model import materialize, resolve_dtype
@@ -60,8 +61,7 @@ def _ensure_process_group(dist) -> None:
     # FSDP2 needs a process group and a device mesh even on one rank. An in-process store
     # needs no port; dist.distributed then reports True and dist.shutdown() destroys it.
     if not torch_dist.is_initialized():
-        backend = "cpu:gloo,cuda:nccl" if dist.device.type == "cuda" else "gloo"
-        torch_dist.init_process_group(backend, store=torch_dist.HashStore(), rank=0, world_size=1)
+        torch_dist.init_process_group(backend_for(dist.device), store=torch_dist.HashStore(), rank=0, world_size=1)
 
 
 def _fill_from_rank0(model: torch.nn.Module, full: dict, device: torch.device) -> None:
@@ -106,7 +106,7 @@ class FSDPEngine:
         _fill_from_rank0(model, full, dist.device)
         del full
         # Built after sharding, so the optimizer holds the DTensor shards (its state is sharded too).
-        optimizer = adamw(model, train_cfg)
+        optimizer = adamw(model, train_cfg, fused_on_cuda=True)
         # The reduce-scatter averages over ranks (gradient_divide_factor = world); the loop wants the sum.
         return cls(model=model, optimizer=optimizer, grad_scale=float(world))
 
