@@ -211,10 +211,14 @@ def _lora(recipe: Recipe, plan: Plan) -> str:
 
 def format_plan(plan: Plan, recipe: Recipe) -> str:
     s, b = plan.schedule, plan.schedule.batches
-    bytes_per = 2 if plan.dtype in ("bfloat16", "float16") else 4
-    # weights + gradients + two AdamW moments of what is trained, in the parameter dtype (DDP: per rank, unsharded)
+    from launcher.engines import load_dtype
+
+    # A trained parameter costs 16 bytes in every engine and dtype: fp32 weight, gradient and two AdamW
+    # moments (DeepSpeed bf16: bf16 weight and gradient plus its fp32 master copy). A frozen one (a LoRA
+    # base) is held in the dtype the engine loads it in. DDP: per rank, unsharded.
     trained = plan.params if plan.trainable is None else plan.trainable
-    state = plan.params * bytes_per + trained * bytes_per * 3
+    frozen_bytes = load_dtype(recipe, torch.device("cuda" if torch.cuda.is_available() else "cpu")).itemsize
+    state = (plan.params - trained) * frozen_bytes + trained * 16
     lines = [
         f"model        {recipe.model.path} ({plan.architecture}, {plan.params / 1e6:.2f}M parameters, dtype {plan.dtype})",
         *([f"             end-of-turn token {plan.end_of_turn!r} is trained so the model learns to stop"] if sequence_labels(plan.classes) is None else []),
