@@ -97,6 +97,30 @@ def test_ddp_bf16_keeps_fp32_master_weights_and_matches_fsdp(cache_dir):
         assert (d_ddp - d_fsdp).abs().mean().item() < 0.1 * d_fsdp.abs().mean().item(), name
 
 
+def test_ddp_bf16_lora_keeps_the_frozen_base_in_bf16(cache_dir):
+    """A frozen base is never updated, so ddp leaves it bf16; adapters and modules_to_save train in fp32."""
+    from launcher import engines
+    from launcher.builtin import materialize
+    from launcher.dist import Dist
+    from launcher.model import add_lora, load_model
+    from launcher.recipe import load_recipe
+    from launcher.train import train_step
+
+    recipe = load_recipe(QUICKSTART, ["strategy.backend=ddp", "model.dtype=bfloat16", "train.lr=1e-5", "lora.enabled=true",
+                                      "lora.modules_to_save=[lm_head]", f"data.cache_dir={cache_dir}"])
+    dist = Dist()
+    assert engines.load_dtype(recipe, dist.device) == torch.bfloat16
+    model = load_model(materialize(recipe.model.path, cache_dir), recipe.model, torch.bfloat16, dist.device)
+    engine = engines.build(recipe, add_lora(model, recipe.lora), dist, accumulation=1)
+    params = dict(engine.unwrapped().named_parameters())
+    trained = {n for n, p in params.items() if p.requires_grad}
+    assert any("modules_to_save" in n for n in trained) and any("lora_B" in n for n in trained)
+    assert {params[n].dtype for n in trained} == {torch.float32}
+    assert {p.dtype for n, p in params.items() if n not in trained} == {torch.bfloat16}
+    train_step(engine, _batches(cache_dir), dist, recipe.train.max_grad_norm)
+    assert all(params[n].abs().sum() > 0 for n in trained if "lora_B" in n)  # zero at start; one step moved them
+
+
 def test_rng_checkpoint_is_no_pickle_and_restores_exactly(tmp_path):
     from safetensors import safe_open
 
