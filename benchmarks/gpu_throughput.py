@@ -15,6 +15,7 @@ Prints and appends one JSON line per figure: {"figure", "value", "unit", "config
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -153,7 +154,19 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     finite = True
     for config in args.config:
-        result = measure(config, args)
+        try:
+            result = measure(config, args)
+        except torch.cuda.OutOfMemoryError:
+            if args.micro_batch == 1:
+                raise
+            result = None
+        if result is None:  # outside the handler, so the failed attempt's tensors are freed first
+            # A smaller GPU than an H200 (an 80 GB H100): half the rows rather than no figure.
+            args.micro_batch //= 2
+            gc.collect()
+            torch.cuda.empty_cache()
+            print(f"out of memory: retrying {config} with micro batch {args.micro_batch}", file=sys.stderr, flush=True)
+            result = measure(config, args)
         report(result, args)
         finite = finite and all(x == x and abs(x) < float("inf") for x in (result["loss_first"], result["loss_last"]))
     if not finite:

@@ -247,7 +247,8 @@ def _read_rng(ckpt: Path, rank: int) -> Optional[dict]:
         return state
     legacy = _rng_file(ckpt, rank, ".pt")  # checkpoints written before: a pickle, read without running code
     if legacy.is_file():
-        allowed = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+        multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray  # numpy 2 / 1
+        allowed = [multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
         with torch.serialization.safe_globals(allowed):
             return torch.load(legacy, map_location="cpu", weights_only=True)
     return None

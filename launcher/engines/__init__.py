@@ -138,7 +138,6 @@ def build(recipe, model, dist, accumulation: int):
     backend = recipe.strategy.backend
     if backend == "ddp":
         from launcher.engines.ddp import DDPEngine
-
         from launcher.model import resolve_dtype
 
         return DDPEngine.create(model, recipe.train, dist, compute_dtype=resolve_dtype(recipe.model.dtype, dist.device))
