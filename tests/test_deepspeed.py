@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from conftest import run_sft
@@ -15,10 +16,14 @@ def _losses(run_dir):
     return [r["loss"] for r in rows if "loss" in r], [r["eval_loss"] for r in rows if "eval_loss" in r]
 
 
+# Large enough that weights trained with and without decay differ clearly within 4 steps (a 4% shrink).
+WEIGHT_DECAY = 10.0
+
+
 def _run(run_dir, cache_dir, *extra):
     args = ["run", QUICKSTART, "--nproc", "2", f"output_dir={run_dir}", f"data.cache_dir={cache_dir}", "train.max_steps=4",
             "train.gradient_accumulation_steps=2", "train.micro_batch_size=8", "train.eval_every=2", "train.eval_generate=0",
-            "logging.every_steps=1", *extra]
+            "logging.every_steps=1", f"train.weight_decay={WEIGHT_DECAY}", *extra]
     proc = run_sft(args)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return _losses(run_dir)
@@ -38,10 +43,18 @@ def test_zero_stages_compute_what_ddp_computes(tmp_path, cache_dir, ddp_referenc
     assert len(loss) == 4 and loss[-1] < loss[0]
     assert loss == pytest.approx(ddp_loss, rel=1e-4) and eval_loss == pytest.approx(ddp_eval, rel=1e-4)
     if stage == 3:
-        # ZeRO-3's export gathers the partitioned weights: not empty, and equal to DDP's.
+        # ZeRO-3's export gathers the partitioned weights: not empty, and equal to DDP's (weight decay included).
         ours, ref = load_file(tmp_path / "run" / "final" / "model.safetensors"), load_file(ddp_dir / "final" / "model.safetensors")
         assert set(ours) == set(ref) and all(ours[k].numel() > 0 for k in ours)
         assert max((ours[k] - ref[k]).abs().max().item() for k in ref) < 1e-4
+        # The parameters were empty 1-D partitions when the AdamW groups were made: the decay group still
+        # holds the matrices (each rank's fp32 partition of it), the other only the norm weights.
+        for rank in (0, 1):
+            saved = torch.load(tmp_path / "run" / "checkpoints" / "step-000004" / "model" / "deepspeed" /
+                               f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", weights_only=False)["optimizer_state_dict"]
+            groups = saved["optimizer_state_dict"]["param_groups"]
+            numel = {g["weight_decay"]: flat.numel() for g, flat in zip(groups, saved["fp32_flat_groups"])}
+            assert numel[WEIGHT_DECAY] > 100 * numel[0.0], numel
 
 
 @pytest.mark.parametrize(
@@ -74,3 +87,4 @@ def test_user_deepspeed_config_file_is_merged(tmp_path):
     inline = load_recipe(QUICKSTART, ["strategy.backend=deepspeed", "strategy.deepspeed_config={train_batch_size: auto}"])
     make_config(inline, world_size=2, accumulation=1, device_type="cpu")
     assert inline.strategy.deepspeed_config == {"train_batch_size": "auto"}  # the recipe is not edited
+
