@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO 0-3 through `sft run` with 2 real ranks: the same numbers as DDP, and bad settings refused."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -88,3 +89,64 @@ def test_user_deepspeed_config_file_is_merged(tmp_path):
     make_config(inline, world_size=2, accumulation=1, device_type="cpu")
     assert inline.strategy.deepspeed_config == {"train_batch_size": "auto"}  # the recipe is not edited
 
+
+def test_user_optimizer_and_scheduler_blocks_are_refused(tmp_path, cache_dir):
+    from launcher.engines.deepspeed import make_config
+    from launcher.errors import UserError
+    from launcher.recipe import load_recipe
+
+    block = {"optimizer": "{optimizer: {type: AdamW, params: {lr: 0.1}}}", "scheduler": "{scheduler: {type: WarmupLR}}"}
+    for name, keys in (("optimizer", "train.lr, train.weight_decay"), ("scheduler", "train.lr_scheduler, train.warmup_steps")):
+        recipe = load_recipe(QUICKSTART, ["strategy.backend=deepspeed", f"strategy.deepspeed_config={block[name]}"])
+        with pytest.raises(UserError, match=f"strategy.deepspeed_config has a `{name}` block") as e:
+            make_config(recipe, world_size=2, accumulation=1, device_type="cpu")
+        assert keys in str(e.value)
+    # `sft plan` refuses it too (a file, as users write them), before anything runs.
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": 100}}}))
+    proc = run_sft(["plan", QUICKSTART, f"data.cache_dir={cache_dir}", "strategy.backend=deepspeed", f"strategy.deepspeed_config={ds}"])
+    assert proc.returncode == 2 and "has a `scheduler` block" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# `sft run` in-process (one rank) with the 3rd training forward's logits made NaN, through torch's global
+# forward hook: a real non-finite gradient, which DeepSpeed ZeRO skips as it skips an fp16 overflow
+# (fp16 itself needs a GPU). Everything else is the real run.
+_NAN_AT_STEP_3 = """
+import sys, torch
+from launcher.cli import main
+calls = 0
+def poison(module, args, output):
+    global calls
+    if type(module).__name__ == "LlamaForCausalLM" and module.training:
+        calls += 1
+        if calls == 3:
+            output.logits = output.logits * float("nan")
+    return output
+torch.nn.modules.module.register_module_forward_hook(poison)
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def test_a_step_deepspeed_skips_does_not_advance_the_lr_schedule(tmp_path, cache_dir):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    run_dir = tmp_path / "run"
+    args = ["run", QUICKSTART, "--nproc", "1", f"output_dir={run_dir}", f"data.cache_dir={cache_dir}", "strategy.backend=deepspeed",
+            "strategy.zero_stage=2", "train.max_steps=6", "train.eval_at_start=false", "train.eval_every=0", "train.eval_generate=0",
+            "logging.every_steps=1", "export.on_finish=false"]
+    # LOCAL_RANK as torchrun sets it: DeepSpeed asserts on it, and a one-rank run in-process has none.
+    proc = subprocess.run([sys.executable, "-c", _NAN_AT_STEP_3, *args], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "LOCAL_RANK": "0"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6]
+    assert rows[3].get("skipped") is True and [rows[s].get("skipped_steps") for s in rows] == [None, None, 1, 1, 1, 1]
+    # Warmup raises the lr every applied step; the step after the skipped one gets the skipped step's lr again.
+    lrs = [rows[s]["lr"] for s in sorted(rows)]
+    assert lrs[3] == lrs[2] and all(a < b for a, b in zip(lrs[:3], lrs[1:3])) and all(a < b for a, b in zip(lrs[3:], lrs[4:]))
+    assert all(rows[s]["loss"] == rows[s]["loss"] for s in (4, 5, 6))  # finite: the NaN step left the weights alone
+    state = json.loads((run_dir / "checkpoints" / "step-000006" / "trainer_state.json").read_text())
+    assert state["scheduler"]["last_epoch"] == 5  # 5 applied steps: a resume continues the schedule where it was
