@@ -106,8 +106,9 @@ def run(recipe, dist, stop=None) -> dict:
         if dist.is_main:
             row = {"step": start_step, "checkpoint_load_s": round(seconds, 3)}
             MetricsLog(run_dir / "metrics.jsonl", enabled=True).write(row if continuing else {**row, "init_from": init_from})
-            what = f"step {start_step} of {schedule.total_steps}" if continuing else f"its step {init_from['step']}; this run starts at step 0"
-            print(f"resumed from {resumed} ({what}) in {seconds:.1f} s", file=sys.stderr, flush=True)
+            what = (f"resumed from {resumed} (step {start_step} of {schedule.total_steps})" if continuing
+                    else f"started from {resumed} (its step {init_from['step']}; this run starts at step 0)")
+            print(f"{what} in {seconds:.1f} s", file=sys.stderr, flush=True)
 
     verify_rows = prepared.eval if prepared.eval is not None else prepared.train
     verify_ids = [list(ids[:256]) for ids in verify_rows.select(range(min(len(verify_rows), recipe.export.verify_prompts)))["input_ids"]]
