@@ -6,7 +6,7 @@ What it does (under --workdir, a fresh temp dir by default, removed unless --kee
   2. for each engine (ddp, fsdp, ZeRO-3), 2 ranks, full fine-tuning in float32:
        run A: `python -m launcher run` for 2 steps with a checkpoint after each; the loop writes
               `checkpoint_save_s` rows to metrics.jsonl (all ranks' shards, commit included);
-       run B: a new run dir resuming from A's step 1 (`checkpoint.resume=...`); the worker writes
+       run B: a new run dir started from A's step 1 (`checkpoint.resume=...`); the worker writes
               `checkpoint_load_s` (every rank's shards read into the engine). Its wall time minus
               the loop's time is the restart overhead a killed job pays before training again;
   3. baseline: in one process, the same state (fp32 weights + AdamW moments) written with one

@@ -134,7 +134,12 @@ def main(argv=None) -> int:
                       f"{' and final/ is its export' if recipe.export.on_finish else ''}. Nothing to do (a larger train.max_steps "
                       "would continue it; --overwrite trains again).", flush=True)
                 return 0
-            print(f"resuming from {start} (step {step} of {total})" + (f"; changed since: {', '.join(changed)}" if changed else ""), flush=True)
+            if resume.continues(recipe, start):
+                print(f"resuming from {start} (step {step} of {total})" + (f"; changed since: {', '.join(changed)}" if changed else ""), flush=True)
+            else:
+                print(f"starting from {start} (step {step} of its run): its weights and optimizer moments, with this recipe's lr, "
+                      f"betas, eps and weight decay, a fresh LR schedule and the data from its start, at step 0 of {total}"
+                      + (f"; changed since: {', '.join(changed)}" if changed else ""), flush=True)
         if first_node:
             rundir.archive_logs(Path(recipe.output_dir))
             rundir.save_recipe(recipe)

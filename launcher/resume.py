@@ -5,6 +5,12 @@ a run continues from its own output_dir's latest complete checkpoint; only when 
 `checkpoint.resume: PATH` name where to start; otherwise it starts at step 0. `never` refuses, at
 launch, an output_dir that already has checkpoints.
 
+Continuing its own checkpoint restores everything (weights, optimizer, schedule, step, RNG), so the
+run ends exactly as an uninterrupted one. Another run's checkpoint only initialises a new run: its
+weights and optimizer moments, with this recipe's lr, betas, eps and weight decay, a fresh LR
+schedule, step 0 and the data from its start (the step counter would otherwise skip that many
+batches of this run's data). trainer_state.json records it as `init_from`.
+
 Engines read their own shards (engines/*.load_checkpoint); the loop puts back the LR scheduler
 and each rank's RNG (train.py); the data position is the step (data/batches.py).
 """
@@ -38,11 +44,32 @@ def start_checkpoint(recipe) -> Optional[Path]:
         raise UserError(f"checkpoint.resume: {e}") from None
 
 
+def continues(recipe, ckpt: Path) -> bool:
+    """True when `ckpt` is this output_dir's own (a restart, a requeue, a longer run); False for another run's."""
+    return ckpt.resolve().parent.parent == Path(recipe.output_dir).resolve()
+
+
+def optimizer_settings(optimizer) -> list:
+    """Each param group's settings (lr, betas, eps, weight_decay, ...), as this recipe made them."""
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
+def keep_settings(optimizer, settings: list) -> None:
+    """After loading another run's optimizer state: its moments stay, this recipe's settings come back
+    (Optimizer.load_state_dict restores the saved run's; DESIGN.md, known traps)."""
+    for group, values in zip(optimizer.param_groups, settings, strict=True):
+        group.update(values)
+        group.pop("initial_lr", None)  # the saved run's base lr, which the new LR scheduler would keep
+
+
 def check(recipe, ckpt: Path, model_path: Path, global_batch: int, total_steps: int, world_size: int, classes=None) -> list:
     """Raise UserError naming everything that keeps `ckpt` from continuing `recipe`; otherwise
-    return the recipe keys that changed since the checkpoint (they take effect from its step on).
+    return the recipe keys that changed since the checkpoint (in its own output_dir they take effect from its
+    step on; another run's checkpoint only initialises this one, see the module docstring).
     `classes`: a classifier's label set now (collected labels change when the data does)."""
     from launcher.rundir import FREE_KEYS, differences
+
+    own = continues(recipe, ckpt)
 
     state = checkpoint.read_state(ckpt)
     old = yaml.safe_load((ckpt / "recipe.yaml").read_text()) or {}
@@ -72,13 +99,13 @@ def check(recipe, ckpt: Path, model_path: Path, global_batch: int, total_steps: 
     labels_now = classes.names if classes is not None else None
     if labels_then != labels_now:
         problems.append(f"its classes were {labels_then} and this run's are {labels_now} (class ids would change meaning)")
-    if "global_batch" in state and state["global_batch"] != global_batch:
+    if own and "global_batch" in state and state["global_batch"] != global_batch:
         problems.append(
             f"a step took {state['global_batch']} sequences there and takes {global_batch} now (micro batch x accumulation "
             "x ranks): the data position and the LR schedule are counted in steps. Keep the global batch, e.g. with "
             "train.global_batch_size"
         )
-    if state["step"] > total_steps:
+    if own and state["step"] > total_steps:
         problems.append(f"it is at step {state['step']}, past this recipe's last step {total_steps} (raise train.max_steps or train.epochs)")
     if problems:
         raise UserError(
@@ -86,7 +113,6 @@ def check(recipe, ckpt: Path, model_path: Path, global_batch: int, total_steps: 
             "or start a new run (another output_dir, or --overwrite)."
         )
     changed = [k for k in differences(old, new) if not k.startswith(FREE_KEYS)]
-    own = ckpt.resolve().parent.parent == Path(recipe.output_dir).resolve()
     foreign = [k for k in changed if not k.startswith(_EXTENDABLE)]
     if own and foreign:
         raise UserError(
@@ -99,7 +125,7 @@ def check(recipe, ckpt: Path, model_path: Path, global_batch: int, total_steps: 
 
 def finished(recipe, ckpt: Optional[Path], total_steps: int) -> bool:
     """True when the run in output_dir has trained every step and exported (when it is asked to)."""
-    if ckpt is None or checkpoint.read_state(ckpt)["step"] != total_steps:
+    if ckpt is None or not continues(recipe, ckpt) or checkpoint.read_state(ckpt)["step"] != total_steps:
         return False
     if not recipe.export.on_finish:
         return True

@@ -168,7 +168,9 @@ def train(recipe, engine, dist, prepared, schedule: Schedule, tokenizer, run_dir
         tick = time.perf_counter()
         last = train_step(engine, batches, dist, t.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
-        scheduler.step()
+        skipped = not engine.step_applied()
+        if not skipped:  # a step DeepSpeed skipped (fp16 overflow) does not advance the schedule, as in HF Trainer
+            scheduler.step()
         done = step + 1
         if done % recipe.logging.every_steps == 0 or done == schedule.total_steps:
             elapsed = time.perf_counter() - start
@@ -182,6 +184,10 @@ def train(recipe, engine, dist, prepared, schedule: Schedule, tokenizer, run_dir
                 "tokens_per_s": last["tokens"] / max(seconds, 1e-9),
                 "elapsed_s": round(elapsed, 3),
             }
+            if done - scheduler.last_epoch:  # skipped steps so far: their data is used up, not replayed
+                row["skipped_steps"] = done - scheduler.last_epoch
+            if skipped:
+                row["skipped"] = True
             utilisation = mfu(last["tokens"], schedule.batches.global_batch, seconds, dist.world_size)
             if utilisation is not None:
                 row["mfu"] = round(utilisation, 4)

@@ -62,10 +62,15 @@ def run(recipe, dist, stop=None) -> dict:
         prepared = prepare(recipe.data, tokenizer, cache, recipe.seed, recipe.task)
     schedule = make_schedule(recipe.train, recipe.seed, recipe.data.shuffle, len(prepared.train), dist.world_size)
     resumed = resume.start_checkpoint(recipe)
-    start_step = 0
+    start_step, init_from = 0, None
+    continuing = resumed is not None and resume.continues(recipe, resumed)
     if resumed is not None:
         resume.check(recipe, resumed, path, schedule.batches.global_batch, schedule.total_steps, dist.world_size, prepared.classes)
-        start_step = checkpoint.read_state(resumed)["step"]
+        state = checkpoint.read_state(resumed)
+        if continuing:
+            start_step, init_from = state["step"], state.get("init_from")
+        else:  # another run's checkpoint: step 0 of this run from its weights and moments (resume.py)
+            init_from = {"checkpoint": str(resumed.resolve()), "step": state["step"]}
     if dist.is_main:
         resume.trim_metrics(run_dir, start_step)  # the steps after the checkpoint are logged again
 
@@ -91,12 +96,18 @@ def run(recipe, dist, stop=None) -> dict:
     engine = engines.build(recipe, model, dist, accumulation)
     if resumed is not None:
         tick = time.perf_counter()
+        settings = resume.optimizer_settings(engine.optimizer)
         engine.load_checkpoint(resumed / "model")
+        if not continuing:
+            resume.keep_settings(engine.optimizer, settings)
         dist.barrier()
         seconds = time.perf_counter() - tick
         if dist.is_main:
-            MetricsLog(run_dir / "metrics.jsonl", enabled=True).write({"step": start_step, "checkpoint_load_s": round(seconds, 3)})
-            print(f"resumed from {resumed} (step {start_step} of {schedule.total_steps}) in {seconds:.1f} s", file=sys.stderr, flush=True)
+            row = {"step": start_step, "checkpoint_load_s": round(seconds, 3)}
+            MetricsLog(run_dir / "metrics.jsonl", enabled=True).write(row if continuing else {**row, "init_from": init_from})
+            what = (f"resumed from {resumed} (step {start_step} of {schedule.total_steps})" if continuing
+                    else f"started from {resumed} (its step {init_from['step']}; this run starts at step 0)")
+            print(f"{what} in {seconds:.1f} s", file=sys.stderr, flush=True)
 
     verify_rows = prepared.eval if prepared.eval is not None else prepared.train
     verify_ids = [list(ids[:256]) for ids in verify_rows.select(range(min(len(verify_rows), recipe.export.verify_prompts)))["input_ids"]]
@@ -109,6 +120,7 @@ def run(recipe, dist, stop=None) -> dict:
         "train_dtype": str(resolve_dtype(recipe.model.dtype, dist.device)).removeprefix("torch."),
         "base_model": str(Path(path).resolve()),
         "sequence_labels": sequence_labels(classes),  # a sequence classifier: export builds one with these classes
+        "init_from": init_from,  # another run's checkpoint this run started from (its weights and optimizer moments)
     }
 
     def write_extras(directory: Path) -> None:
@@ -127,7 +139,7 @@ def run(recipe, dist, stop=None) -> dict:
         state = {**meta, "epoch": step / schedule.batches.steps_per_epoch, "scheduler": scheduler.state_dict(), "stopped_by": stopped_by}
         checkpoint.save(engine, run_dir, step, dist, recipe.checkpoint.keep_last, state, write_extras)
 
-    return train(recipe, engine, dist, prepared, schedule, tokenizer, run_dir, save_checkpoint, stop, resumed)
+    return train(recipe, engine, dist, prepared, schedule, tokenizer, run_dir, save_checkpoint, stop, resumed if continuing else None)
 
 
 def export_final(recipe) -> Path:

@@ -9,6 +9,7 @@ compares the trained tensors of its last checkpoint with the reference's.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -117,18 +118,71 @@ def reference(tmp_path_factory, cache_dir):
     return get
 
 
+def _restore(ref: Path, run_dir: Path, step: int) -> Path:
+    """A copy of run dir `ref` as it was at `step` (as from a backup): its later checkpoints are gone."""
+    shutil.copytree(ref, run_dir, ignore=shutil.ignore_patterns("logs"))
+    for ckpt in (run_dir / "checkpoints").glob("step-*"):
+        if int(ckpt.name.removeprefix("step-")) > step:
+            shutil.rmtree(ckpt)
+    (run_dir / "checkpoints" / "latest").write_text(f"step-{step:06d}")
+    return run_dir / "checkpoints" / f"step-{step:06d}"
+
+
 @pytest.mark.parametrize("config", ["ddp", "zero3-lora"])  # fsdp: the kill test below (fsdp-lora) and the reshard test
-def test_resume_from_a_checkpoint_path_is_bitwise_exact(config, reference, tmp_path, cache_dir):
+def test_resume_in_its_own_run_dir_is_bitwise_exact(config, reference, tmp_path, cache_dir):
     ref = reference(config)
-    start = ref / "checkpoints" / f"step-{EVERY:06d}"
     run_dir = tmp_path / "run"
-    proc = run_sft(_args(run_dir, cache_dir, config, f"checkpoint.resume={start}"))
+    start = _restore(ref, run_dir, EVERY)
+    proc = run_sft(_args(run_dir, cache_dir, config))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resuming from {start} (step {EVERY} of {STEPS})" in proc.stdout
     assert_same_weights(_last(run_dir), _last(ref))
     losses, ref_losses = _losses(run_dir), _losses(ref)
-    assert sorted(losses) == list(range(EVERY + 1, STEPS + 1))
+    assert sorted(losses) == list(range(1, STEPS + 1))
     assert all(losses[s] == ref_losses[s] for s in losses)
+
+
+def test_a_start_from_another_runs_checkpoint_takes_this_recipes_settings(reference, tmp_path, cache_dir):
+    """checkpoint.resume: PATH of another run: its weights and AdamW moments, with this recipe's lr, betas and
+    weight decay, a fresh LR schedule, step 0 and the data from its start (here with another global batch)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from transformers import get_scheduler
+
+    ref = reference("ddp")
+    start = ref / "checkpoints" / f"step-{EVERY:06d}"
+    run_dir, steps = tmp_path / "run", 4
+    new = ["train.lr=2e-3", "train.adam_beta2=0.99", "train.weight_decay=0.5", "train.warmup_steps=2", "train.global_batch_size=16",
+           f"train.max_steps={steps}"]
+    proc = run_sft(_args(run_dir, cache_dir, "ddp", f"checkpoint.resume={start}", *new, nproc=1))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (f"starting from {start} (step {EVERY} of its run)" in proc.stdout and f"at step 0 of {steps}; changed since: "
+            "train.adam_beta2, train.global_batch_size, train.lr, train.max_steps, train.warmup_steps, train.weight_decay" in proc.stdout)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {"checkpoint": str(start.resolve()), "step": EVERY} == rows[0]["init_from"]
+    # The logged lr is this recipe's schedule from its start.
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
+    schedule = get_scheduler("cosine", optimizer, num_warmup_steps=2, num_training_steps=steps)
+    expected = []
+    for _ in range(steps):
+        expected.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    trained = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in trained] == [1, 2, 3, 4] and [r["lr"] for r in trained] == pytest.approx(expected, rel=1e-9)
+    assert trained[0]["loss"] < _losses(ref)[1] - 1  # the first step already has the checkpoint's weights
+    last = run_dir / "checkpoints" / f"step-{steps:06d}"
+    assert json.loads((last / "trainer_state.json").read_text())["init_from"] == rows[0]["init_from"]
+    with tempfile.TemporaryDirectory() as d:
+        dcp_to_torch_save(str(last / "model"), f"{d}/all.pt")
+        optim = torch.load(f"{d}/all.pt", weights_only=False)["optim"]
+    groups = optim["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.5, 0.0] and all(tuple(g["betas"]) == (0.9, 0.99) for g in groups)
+    assert all(g["initial_lr"] == 2e-3 for g in groups)
+    assert {float(s["step"]) for s in optim["state"].values()} == {EVERY + steps}  # the moments went on from the checkpoint's
+
+    # From now on the run dir's own checkpoints win, and it is its own run (a step of 16 sequences).
+    own = run_sft(_args(run_dir, cache_dir, "ddp", f"checkpoint.resume={start}", *new[:-2], "train.max_steps=8", nproc=1))
+    assert own.returncode == 2 and "a step took 16 sequences there and takes 32 now" in own.stderr, own.stderr[-3000:]
 
 
 def test_sigusr1_checkpoints_exits_resumable_and_rerun_matches(reference, tmp_path, cache_dir):
@@ -185,13 +239,14 @@ def test_kill_between_shards_and_commit_resumes_from_the_previous_checkpoint(ref
 def test_fsdp_resumes_on_another_world_size(reference, tmp_path, cache_dir):
     ref = reference("fsdp")
     run_dir = tmp_path / "run"
-    proc = run_sft(_args(run_dir, cache_dir, "fsdp", f"checkpoint.resume={ref}/checkpoints/step-{EVERY:06d}", nproc=1))
+    _restore(ref, run_dir, EVERY)
+    proc = run_sft(_args(run_dir, cache_dir, "fsdp", nproc=1))
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Same global batch (32 sequences per step, now 2 micro-batches of 16 on one rank): the first step after
     # the checkpoint sees the resharded weights and computes the same loss up to summation order; later
     # steps drift only by rounding, which lr=1e-2 amplifies a little.
     losses, ref_losses = _losses(run_dir), _losses(ref)
-    assert sorted(losses) == list(range(EVERY + 1, STEPS + 1))
+    assert sorted(losses) == list(range(1, STEPS + 1))
     assert losses[EVERY + 1] == pytest.approx(ref_losses[EVERY + 1], rel=1e-6)
     assert [losses[s] for s in sorted(losses)] == pytest.approx([ref_losses[s] for s in sorted(losses)], rel=1e-2)
 
@@ -221,7 +276,6 @@ def test_a_failing_save_leaves_the_previous_checkpoint(tmp_path, cache_dir):
         ("ddp-lora", ["lora.r=8"], "lora.r was 16 there and is 8 now"),
         ("zero3", ["strategy.backend=fsdp"], "strategy.backend was 'deepspeed' there and is 'fsdp' now"),
         ("zero3", ["--nproc", "1", "train.global_batch_size=32"], "written by 2 ranks and this run has 1"),
-        ("ddp", ["train.global_batch_size=64"], "a step took 32 sequences there and takes 64 now"),
     ],
 )
 def test_a_checkpoint_that_does_not_fit_is_refused_before_any_worker(config, extra, message, reference, tmp_path, cache_dir):

@@ -27,6 +27,8 @@ class Engine(Protocol):
 
     def clip_and_step(self, max_norm: float) -> float: ...
 
+    def step_applied(self) -> bool: ...  # False when the engine skipped the last step's update (fp16 overflow)
+
     def unwrapped(self) -> torch.nn.Module: ...
 
     def save_checkpoint(self, path) -> None: ...
@@ -39,7 +41,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            # Under ZeRO-3's zero.Init a parameter is an empty 1-D partition; DeepSpeed keeps its real shape.
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -67,6 +67,9 @@ class DDPEngine:
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
+    def step_applied(self) -> bool:
+        return True  # torch's AdamW applies every step
+
     def unwrapped(self) -> torch.nn.Module:
         return self._module
 

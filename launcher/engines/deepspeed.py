@@ -30,6 +30,14 @@ _RECIPE_OWNED = {
     "gradient_clipping": "train.max_grad_norm",
 }
 
+# Blocks a user DeepSpeed config may not have: the loop owns the optimizer and the LR schedule on every engine.
+_RECIPE_BLOCKS = (
+    ("optimizer", "which DeepSpeed would ignore (the launcher passes its own torch AdamW, built from the recipe)",
+     "train.lr, train.weight_decay, train.adam_beta1, train.adam_beta2 and train.adam_eps"),
+    ("scheduler", "which DeepSpeed would step inside engine.step() on top of the launcher's LR schedule (two schedules "
+     "setting one learning rate)", "train.lr_scheduler, train.warmup_steps (or train.warmup_ratio) and train.lr"),
+)
+
 
 def _user_config(value: Any) -> Dict[str, Any]:
     if value is None:
@@ -95,6 +103,12 @@ def make_config(recipe, world_size: int, accumulation: int, device_type: str, hi
     elif dtype == torch.float16:
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
     user = dict(_user_config(st.deepspeed_config))  # a copy: the recipe's own mapping stays as written
+    for block, what, keys in _RECIPE_BLOCKS:
+        if block in user:
+            raise UserError(
+                f"strategy.deepspeed_config has a `{block}` block, {what}. Remove it from the DeepSpeed config and set {keys} "
+                "in the recipe instead."
+            )
     for key, recipe_key in _RECIPE_OWNED.items():
         if key in user and user[key] not in ("auto", config[key]):
             raise UserError(
@@ -176,6 +190,11 @@ class DeepSpeedEngine:
         self.model.step()
         norm = self.model.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
+
+    def step_applied(self) -> bool:
+        # False when DeepSpeed skipped the update: an fp16 overflow (it lowers the loss scale), or under
+        # ZeRO a non-finite gradient norm in any dtype.
+        return self.model.was_step_applied()
 
     def unwrapped(self) -> torch.nn.Module:
         return self.model.module
