@@ -3,7 +3,10 @@
 Each engine trains LoRA adapters for a few steps on 2 ranks and exports `final/` by itself.
 A fresh interpreter that never imports the launcher then loads `final/` with transformers and
 generates with the chat template, and loads the `--adapter-only` export with
-`PeftModel.from_pretrained` onto the base: its logits must equal the merged model's.
+`PeftModel.from_pretrained` onto the base: its logits must equal the merged model's. It also
+loads `final/` the way vLLM and transformers 4 do (safetensors + config.json, and the head is the
+embedding when the config says tie_word_embeddings): the built-in models are tied, and two of the
+runs train the head (modules_to_save, or a LoRA adapter on lm_head).
 """
 
 import json
@@ -17,11 +20,13 @@ from conftest import run_sft
 
 QUICKSTART = "recipes/quickstart.yaml"
 ENGINES = {
-    "ddp": ["strategy.backend=ddp"],
+    # all-linear plus an adapter on the tied lm_head: merging must not add its delta to the shared embedding.
+    "ddp": ["strategy.backend=ddp", "lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head]"],
     "fsdp": ["strategy.backend=fsdp"],
     "zero2": ["strategy.backend=deepspeed", "strategy.zero_stage=2"],
-    # ZeRO-3 with gradient checkpointing and a frozen base: the combination peft users trip on.
-    "zero3": ["strategy.backend=deepspeed", "strategy.zero_stage=3", "model.gradient_checkpointing=true"],
+    # ZeRO-3 with gradient checkpointing and a frozen base: the combination peft users trip on; and a
+    # trained copy of the tied head (modules_to_save), which the export must untie.
+    "zero3": ["strategy.backend=deepspeed", "strategy.zero_stage=3", "model.gradient_checkpointing=true", "lora.modules_to_save=[lm_head]"],
 }
 
 FRESH_CHECK = """
@@ -38,8 +43,24 @@ peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base
 with torch.no_grad():
     a = merged(input_ids=ids["input_ids"]).logits
     b = peft_model(input_ids=ids["input_ids"]).logits
+# As vLLM and transformers 4 load it: the files and config.json, and tie_word_embeddings means the head IS the embedding.
+from glob import glob
+from safetensors.torch import load_file
+from transformers import AutoConfig
+config, tensors = AutoConfig.from_pretrained(final), {}
+for f in glob(final + "/*.safetensors"):
+    tensors.update(load_file(f))
+tied = json.load(open(final + "/config.json")).get("tie_word_embeddings", config.tie_word_embeddings)
+if tied:
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+config.tie_word_embeddings = False  # load exactly these tensors
+server = AutoModelForCausalLM.from_config(config)
+server.load_state_dict(tensors, strict=True)
+with torch.no_grad():
+    c = server.eval()(input_ids=ids["input_ids"]).logits
 eos = merged.generation_config.eos_token_id
 print(json.dumps({"new": out.shape[1] - ids["input_ids"].shape[1], "diff": float((a - b).abs().max()),
+                  "server_diff": float((c - b).abs().max()), "tied": tied,
                   "eos": eos if isinstance(eos, list) else [eos], "im_end": tok.convert_tokens_to_ids("<|im_end|>"),
                   "launcher": "launcher" in sys.modules}))
 """
@@ -73,10 +94,16 @@ def test_lora_trains_exports_and_serves(engine, tmp_path, cache_dir):
 
     ckpt = run_dir / "checkpoints" / "step-000004"
     names = _trainable_names(ckpt)
-    assert names and all("lora_" in n for n in names), names[:5]  # the adapters only, not the frozen base
+    assert names and all("lora_" in n or "modules_to_save" in n for n in names), names[:5]  # not the frozen base
 
     report = json.loads((run_dir / "final" / "export.json").read_text())
     assert report["merged"] and report["step"] == 4 and report["max_abs_logit_diff"] <= report["tolerance"]
+    # Checked against the logits the live model gave at save time (a collective forward under ZeRO-3 and
+    # FSDP) and against the base's weight fingerprint, not only against a model rebuilt the same way.
+    training = report["checked_against_training"]
+    assert training["max_abs_logit_diff_rebuilt"] <= training["tolerance"], training
+    assert training["max_abs_logit_diff_exported"] <= training["tolerance_exported"], training
+    assert report["base_weights"] == "matches the checkpoint's fingerprint"
     assert not list((run_dir / "final").glob("adapter_*"))  # merged: a plain transformers model
 
     adapter = tmp_path / "adapter"
@@ -91,6 +118,9 @@ def test_lora_trains_exports_and_serves(engine, tmp_path, cache_dir):
     assert result["new"] >= 1 and not result["launcher"]
     assert result["im_end"] in result["eos"]
     assert result["diff"] < 1e-4, result  # the adapter on its base equals the merged model
+    assert result["server_diff"] < 1e-4, result  # and so does what a server that re-ties loads
+    trains_head = any("lm_head" in o for o in ENGINES[engine])
+    assert result["tied"] is not trains_head  # untied only when the head was trained
 
 
 @pytest.fixture(scope="module")
