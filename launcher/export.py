@@ -69,7 +69,8 @@ def _check_base(base: Path, hf: Path, ckpt: Path, recorded: Optional[dict]) -> s
             f"the base model at {base} is not the one LoRA checkpoint {ckpt} was trained on: its weights differ (fingerprint "
             f"{found or 'none: it has no safetensors files'}, the checkpoint recorded {recorded['base_fingerprint']}), although the "
             "architecture is the same (another seed, an Instruct or updated copy?). Adapters merged onto other weights make another "
-            "model, so nothing was written. Point model.path at the base training used."
+            "model, so nothing was written. Point model.path at the base training used "
+            f"({recorded['base_model']}, or a copy of it)."
         )
     return "matches the checkpoint's fingerprint"
 

@@ -54,7 +54,7 @@ def write(directory: Path, tensors: dict, base: Optional[Path]) -> None:
 
 
 def read(ckpt: Path) -> Optional[dict]:
-    """{"logits": [...], "positions": [... or None], "base_fingerprint": str or None}; None for a
+    """{"logits", "positions" (None for class logits), "base_fingerprint", "base_model"}; None for a
     checkpoint written before this file existed."""
     from safetensors import safe_open
 
@@ -66,7 +66,8 @@ def read(ckpt: Path) -> Optional[dict]:
         n = sum(1 for k in names if k.startswith("logits."))
         logits = [f.get_tensor(f"logits.{i}") for i in range(n)]
         positions = [f.get_tensor(f"positions.{i}") if f"positions.{i}" in names else None for i in range(n)]
-    return {"logits": logits, "positions": positions, "base_fingerprint": meta.get("base_fingerprint") or None}
+    return {"logits": logits, "positions": positions, "base_fingerprint": meta.get("base_fingerprint") or None,
+            "base_model": meta.get("base_model") or None}
 
 
 def max_difference(stored: dict, full: Sequence[torch.Tensor]) -> float:

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch.distributed.checkpoint as dcp
 
-from conftest import run_sft
+from conftest import REPO, run_sft
 
 QUICKSTART = "recipes/quickstart.yaml"
 ENGINES = {
@@ -157,6 +157,49 @@ def test_export_sharded_and_16_bit(lora_ddp_run, tmp_path):
         assert all(f.get_slice(k).get_dtype() == "BF16" for k in f.keys())
 
 
+def _copy_checkpoint(run_dir, to):
+    import shutil
+
+    shutil.copytree(run_dir / "checkpoints" / "step-000004", to)
+    return to
+
+
+def _base_with_another_seed(cache_dir, out):
+    """The built-in tiny Llama's config and tokenizer with weights drawn from another seed."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from launcher import builtin
+
+    original = builtin.materialize("builtin:tiny-llama", cache_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(original)).save_pretrained(out)
+    AutoTokenizer.from_pretrained(original).save_pretrained(out)
+    return out
+
+
+def _drop_fingerprint(ckpt):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = ckpt / "verify_reference.safetensors"
+    with safe_open(str(path), "pt") as f:
+        metadata = {**f.metadata(), "base_fingerprint": ""}
+    save_file(load_file(path), str(path), metadata=metadata)
+
+
+def test_export_of_a_checkpoint_without_verify_reference(lora_ddp_run, tmp_path):
+    """Checkpoints written before verify_reference.safetensors existed still export, with a note in export.json."""
+    source = _copy_checkpoint(lora_ddp_run, tmp_path / "step-000004")
+    (source / "verify_reference.safetensors").unlink()
+    proc = run_sft(["export", str(source), "--out", str(tmp_path / "out")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "export.json").read_text())
+    assert "older version" in report["checked_against_training"]["note"] and "architecture checked only" in report["base_weights"]
+    assert report["max_abs_logit_diff"] <= report["tolerance"]
+
+
 @pytest.mark.parametrize(
     "case,message",
     [
@@ -165,19 +208,20 @@ def test_export_sharded_and_16_bit(lora_ddp_run, tmp_path):
         ("out_not_empty", "already exists and is not empty"),
         ("base_missing", "is not a directory"),
         ("other_base", "is not the one LoRA checkpoint"),
+        # The same architecture with other weights: caught by the base fingerprint, and, for a checkpoint
+        # without one, by the logits the live model gave at save time.
+        ("other_seed_base", "its weights differ"),
+        ("other_seed_base_no_fingerprint", "does not give the logits the trained model gave when the checkpoint was saved"),
         ("tolerance", "export check failed"),
     ],
 )
-def test_export_refuses_bad_input(case, message, lora_ddp_run, tmp_path):
+def test_export_refuses_bad_input(case, message, lora_ddp_run, tmp_path, cache_dir):
     source, out, extra = lora_ddp_run, tmp_path / "out", []
     if case == "no_checkpoint":
         source = tmp_path / "empty-run"
         source.mkdir()
     elif case == "incomplete":
-        source = tmp_path / "step-000009"
-        import shutil
-
-        shutil.copytree(lora_ddp_run / "checkpoints" / "step-000004", source)
+        source = _copy_checkpoint(lora_ddp_run, tmp_path / "step-000009")
         (source / "COMPLETE").unlink()
     elif case == "out_not_empty":
         out.mkdir()
@@ -186,10 +230,18 @@ def test_export_refuses_bad_input(case, message, lora_ddp_run, tmp_path):
         extra = [f"model.path={tmp_path / 'moved-away'}"]
     elif case == "other_base":
         extra = ["model.path=builtin:tiny-qwen2"]
+    elif case.startswith("other_seed_base"):
+        other = _base_with_another_seed(cache_dir, tmp_path / "other-seed")
+        extra = [f"model.path={other}"]
+        if case.endswith("no_fingerprint"):
+            source = _copy_checkpoint(lora_ddp_run, tmp_path / "step-000004")
+            _drop_fingerprint(source)
     elif case == "tolerance":
         extra = ["export.dtype=bfloat16", "export.verify_tolerance=0"]
     proc = run_sft(["export", str(source), "--out", str(out), *extra])
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    if case.startswith("other_seed_base"):  # names the base and the checkpoint
+        assert str(other) in proc.stderr and "step-000004" in proc.stderr, proc.stderr[-3000:]
     if case == "out_not_empty":
         assert [p.name for p in out.iterdir()] == ["mine.txt"] and (out / "mine.txt").read_text() == "keep me"
     else:
@@ -200,3 +252,61 @@ def test_export_refuses_bad_input(case, message, lora_ddp_run, tmp_path):
 def test_lora_settings_are_checked_before_training(cache_dir, tmp_path):
     proc = run_sft(["plan", QUICKSTART, f"data.cache_dir={cache_dir}", "lora.enabled=true", "lora.target_modules=[qkv_proj]"])
     assert proc.returncode == 2 and "q_proj" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+ZERO0_SAVE = """
+import json, sys, torch
+from pathlib import Path
+from safetensors.torch import save_file
+from launcher import builtin
+from launcher.dist import Dist
+from launcher.engines.deepspeed import DeepSpeedEngine
+from launcher.model import load_model
+from launcher.recipe import load_recipe
+
+out, cache = Path(sys.argv[1]), Path(sys.argv[2])
+recipe = load_recipe("recipes/quickstart.yaml", ["strategy.backend=deepspeed", "strategy.zero_stage=0", "model.dtype=bfloat16"])
+model = load_model(builtin.materialize("builtin:tiny-llama", cache), recipe.model, torch.bfloat16, torch.device("cpu"))
+engine = DeepSpeedEngine.create(model, recipe, Dist(), 1)
+ids = torch.tensor([[5, 6, 7, 8]])
+engine.backward(engine.model(input_ids=ids, labels=ids).loss.float())
+engine.clip_and_step(1.0)
+engine.save_checkpoint(out / "model")
+(out / "trainer_state.json").write_text(json.dumps({"backend": "deepspeed", "zero_stage": 0}))
+save_file({"q": model.model.layers[0].self_attn.q_proj.weight.detach().float().clone()}, str(out / "expected.safetensors"))
+"""
+
+
+def test_zero0_checkpoint_is_read_without_unpickling_code(tmp_path, cache_dir):
+    """Export reads DeepSpeed's ZeRO-0 file (module, optimizer state of DeepSpeed's 16-bit wrapper, shapes,
+    config) with torch.load(weights_only=True); a file that holds code is refused and the code never runs."""
+    import os
+
+    import torch
+    from safetensors.torch import load_file
+
+    from launcher import builtin, checkpoint
+    from launcher.errors import UserError
+    from launcher.model import load_model
+    from launcher.recipe import load_recipe
+
+    ckpt = tmp_path / "ckpt"
+    env = {**os.environ, "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}
+    proc = subprocess.run([sys.executable, "-c", ZERO0_SAVE, str(ckpt), str(cache_dir)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recipe = load_recipe(QUICKSTART, [])
+    model = load_model(builtin.materialize("builtin:tiny-llama", cache_dir), recipe.model, torch.float32, torch.device("cpu"))
+    before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    assert checkpoint.load_weights(ckpt, model) > 0
+    loaded, expected = model.model.layers[0].self_attn.q_proj.weight, load_file(ckpt / "expected.safetensors")["q"]
+    assert torch.equal(loaded, expected) and not torch.equal(loaded, before)
+
+    class RunsCode:
+        def __reduce__(self):
+            return exec, (f"open({str(tmp_path / 'ran')!r}, 'w').write('code from the checkpoint ran')",)
+
+    torch.save({"module": RunsCode()}, ckpt / "model" / "deepspeed" / "mp_rank_00_model_states.pt")
+    with pytest.raises(UserError, match="holds Python objects other than tensors"):
+        checkpoint.load_weights(ckpt, model)
+    assert not (tmp_path / "ran").exists()
