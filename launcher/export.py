@@ -197,7 +197,7 @@ def _reload(tmp: Path, adapter_only: bool, base: Path, dtype: torch.dtype, train
         # re-tie it. Check what they would serve.
         tied = any(getattr(c, "tie_word_embeddings", False) for c in (model.config, model.config.get_text_config(decoder=True)))
         head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
-        if tied and head is not None and embedding is not None:
+        if tied and head is not None and embedding is not None and head.weight.shape == embedding.weight.shape:
             head.weight = embedding.weight
         return model
     from peft import PeftModel
