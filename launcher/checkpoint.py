@@ -10,6 +10,7 @@ Layout of `output_dir/checkpoints/`:
       recipe.yaml            the run's resolved recipe
       hf/                    config, generation config, tokenizer (what export needs besides weights)
       verify_prompts.json    a few token sequences export checks its logits on
+      verify_reference.safetensors  the live model's logits on them at save time, the base's fingerprint (verify.py)
       COMPLETE               written last, after every rank has finished its shards
     latest                   the name of the newest complete checkpoint
 
@@ -22,6 +23,7 @@ import contextlib
 import io
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -293,7 +295,17 @@ def _dcp_tensors(path: Path, target: dict, ckpt: Path) -> Iterable[str]:
 
 def _deepspeed_tensors(path: Path, target: dict, ckpt: Path, zero_stage: int) -> Iterable[str]:
     if zero_stage == 0:
-        state = torch.load(path / "deepspeed" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        # weights_only: unpickling a checkpoint someone else wrote must not run code. ZeRO-0's file holds the
+        # module's tensors, the optimizer's (torch's, or DeepSpeed's fp16/bf16 wrapper's: tensors and numbers),
+        # torch.Size shapes, ints, strings and the DeepSpeed config: nothing else.
+        file = path / "deepspeed" / "mp_rank_00_model_states.pt"
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True)["module"]
+        except pickle.UnpicklingError as e:
+            raise UserError(
+                f"{file} holds Python objects other than tensors ({str(e).strip().splitlines()[0]}), which sft export does not "
+                "unpickle (that could run code from whoever wrote the checkpoint). Export a checkpoint this tool wrote."
+            ) from None
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -3,9 +3,11 @@ vLLM load as they are, checked against the model as it was trained.
 
 The flow, on CPU and in one process: rebuild the training-time model from the checkpoint (the
 base plus LoRA adapters, or the full weights consolidated from the engine's shards), take its
-logits on a few stored prompts, merge the adapters (or keep them apart with --adapter-only), cast
-to `export.dtype`, save to a temporary directory, reload that directory the way a server would,
-compare logits, and only then move it to `--out`. Peak memory is about one copy of the model.
+logits on a few stored prompts and check them against the logits the live model gave at save time
+(launcher/verify.py; for LoRA, the base's weight fingerprint first), merge the adapters (or keep
+them apart with --adapter-only), cast to `export.dtype`, save to a temporary directory, reload that
+directory the way a server would, compare logits, and only then move it to `--out`. Peak memory is
+about one copy of the model.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 from transformers import GenerationConfig
 
-from launcher import checkpoint
+from launcher import checkpoint, verify
 from launcher.errors import UserError
 from launcher.model import DTYPES, add_lora, load_model, load_tokenizer, materialize
 
@@ -46,8 +48,9 @@ def _check_out(out: Path) -> None:
         raise UserError(f"--out {out} already exists and is not empty. Nothing was written; choose a new directory or empty it first.")
 
 
-def _check_base(base: Path, hf: Path, ckpt: Path) -> None:
-    """A LoRA checkpoint needs the base it was trained on: same architecture and shapes."""
+def _check_base(base: Path, hf: Path, ckpt: Path, recorded: Optional[dict]) -> str:
+    """A LoRA checkpoint needs the base it was trained on: same architecture, and the same weights
+    when the checkpoint recorded their fingerprint. Returns what was checked, for export.json."""
     if not (base / "config.json").is_file():
         raise UserError(
             f"the base model of LoRA checkpoint {ckpt} is missing: {base} has no config.json. Put the base model "
@@ -58,6 +61,18 @@ def _check_base(base: Path, hf: Path, ckpt: Path) -> None:
         raise UserError(
             f"the base model at {base} is not the one LoRA checkpoint {ckpt} was trained on: {diff[0]}. Point model.path at the original base."
         )
+    if recorded is None or not recorded["base_fingerprint"]:
+        return "not recorded in the checkpoint (written by an older version, or a base without safetensors files): architecture checked only"
+    found = verify.fingerprint(base)
+    if found != recorded["base_fingerprint"]:
+        raise UserError(
+            f"the base model at {base} is not the one LoRA checkpoint {ckpt} was trained on: its weights differ (fingerprint "
+            f"{found or 'none: it has no safetensors files'}, the checkpoint recorded {recorded['base_fingerprint']}), although the "
+            "architecture is the same (another seed, an Instruct or updated copy?). Adapters merged onto other weights make another "
+            "model, so nothing was written. Point model.path at the base training used "
+            f"({recorded['base_model']}, or a copy of it)."
+        )
+    return "matches the checkpoint's fingerprint"
 
 
 def trained_model(ckpt: Path, recipe, state: dict, base: Path, pad_token_id) -> torch.nn.Module:
@@ -65,7 +80,6 @@ def trained_model(ckpt: Path, recipe, state: dict, base: Path, pad_token_id) -> 
     hf = ckpt / "hf"
     head = dict(sequence_labels=state.get("sequence_labels"), pad_token_id=pad_token_id)
     if state["lora"]:
-        _check_base(base, hf, ckpt)
         model = add_lora(load_model(base, recipe.model, DTYPES[state["train_dtype"]], torch.device("cpu"), **head), recipe.lora)
     else:
         # Weights come from the checkpoint: build an empty skeleton from its config, in fp32 (the master copy).
@@ -90,9 +104,67 @@ def _tolerance(recipe, dtype: torch.dtype, reference: list) -> float:
     return 0.05 * max(float(r.abs().max()) for r in reference)  # 16-bit rounding of every weight
 
 
+def _check_training(recipe, train_dtype: torch.dtype, recorded: Optional[dict], reference: list, ckpt: Path, base: Path, lora: bool) -> dict:
+    """The rebuilt model must give the logits the live model gave when the checkpoint was saved."""
+    if recorded is None:
+        return {"note": f"{ckpt} has no {verify.FILE} (written by an older version): checked against the rebuilt model only"}
+    live_max = max(float(x.abs().max()) for x in recorded["logits"])
+    # Training ran in its own dtype, kernels and sharding: fp32 agrees to rounding, 16-bit to its precision.
+    auto = 1e-3 * max(1.0, live_max) if train_dtype == torch.float32 else 0.05 * live_max
+    tolerance = max(auto, recipe.export.verify_tolerance or 0.0)
+    diff = verify.max_difference(recorded, reference)
+    if not diff <= tolerance:
+        what = f"the base at {base} plus its adapters" if lora else "the weights consolidated from its shards"
+        raise UserError(
+            f"export check failed: the model rebuilt from checkpoint {ckpt} ({what}) does not give the logits the trained model gave "
+            f"when the checkpoint was saved (largest difference {diff:.3g}, tolerance {tolerance:.3g}). "
+            + ("The base is probably not the one training used: point model.path at it. " if lora else "The checkpoint's shards may be damaged. ")
+            + "Nothing was written."
+        )
+    return {"max_abs_logit_diff_rebuilt": diff, "tolerance": tolerance}
+
+
+def _untie_adapted_layers(model) -> None:
+    """An adapter on a tied layer (LoRA on lm_head, or on embed_tokens, of a tie_word_embeddings model)
+    changed only that layer's output in training; merging would add its delta to the tensor both
+    layers share. Give the adapted layer its own copy first."""
+    from collections import Counter
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    for module in model.modules():
+        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else None
+        weight = getattr(base, "weight", None)
+        if isinstance(weight, torch.nn.Parameter) and uses[id(weight)] > 1:
+            base.weight = torch.nn.Parameter(weight.detach().clone(), requires_grad=False)
+
+
+def _settle_tie(model) -> None:
+    """A config that says tie_word_embeddings makes vLLM and transformers 4 use the embedding as the
+    head and drop the head's tensor. Keep that only when the head is the embedding (or equal to it);
+    otherwise untie in the config (and its text config) so both tensors are written and used."""
+    text = model.config.get_text_config(decoder=True)
+    configs = {id(c): c for c in (model.config, text) if getattr(c, "tie_word_embeddings", False)}
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if not configs or head is None or embedding is None or head.weight is embedding.weight:
+        return
+    if head.weight.shape == embedding.weight.shape and torch.equal(head.weight, embedding.weight):
+        head.weight = embedding.weight  # equal on purpose: stay tied, one tensor
+        return
+    for config in configs.values():
+        config.tie_word_embeddings = False
+
+
 def _save_merged(model, lora: bool, dtype: torch.dtype, tokenizer, hf: Path, tmp: Path, max_shard_size: str):
     if lora:
-        model = model.merge_and_unload()
+        import warnings
+
+        _untie_adapted_layers(model)
+        with warnings.catch_warnings():  # peft's advice on tied layers is what _untie_adapted_layers and _settle_tie do
+            warnings.filterwarnings("ignore", message=r".*(tie_word_embeddings|no longer tied)")
+            model = model.merge_and_unload()
+    _settle_tie(model)
     model = model.to(dtype)
     model.config.use_cache = True  # turned off for training; serving wants it
     if model.can_generate():  # a sequence classifier does not generate
@@ -120,7 +192,14 @@ def _reload(tmp: Path, adapter_only: bool, base: Path, dtype: torch.dtype, train
 
     cls = model_class(sequence_labels)
     if not adapter_only:
-        return cls.from_pretrained(tmp, dtype=dtype, trust_remote_code=trust_remote_code).eval()
+        model = cls.from_pretrained(tmp, dtype=dtype, trust_remote_code=trust_remote_code).eval()
+        # transformers 5 keeps a head whose tensor differs from a tied embedding; vLLM and transformers 4
+        # re-tie it. Check what they would serve.
+        tied = any(getattr(c, "tie_word_embeddings", False) for c in (model.config, model.config.get_text_config(decoder=True)))
+        head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+        if tied and head is not None and embedding is not None and head.weight.shape == embedding.weight.shape:
+            head.weight = embedding.weight
+        return model
     from peft import PeftModel
 
     base_model = cls.from_pretrained(base, dtype=train_dtype, trust_remote_code=trust_remote_code, **head_config(sequence_labels, pad_token_id))
@@ -153,8 +232,11 @@ def export(source: Path, out: Path, adapter_only: bool = False, overrides: Optio
     tokenizer = load_tokenizer(ckpt / "hf", recipe.model)
     prompts = json.loads((ckpt / "verify_prompts.json").read_text())
 
+    recorded = verify.read(ckpt)
+    base_check = _check_base(base, ckpt / "hf", ckpt, recorded) if state["lora"] else None
     model = trained_model(ckpt, recipe, state, base, tokenizer.pad_token_id)
     reference = logits(model, prompts)
+    training = _check_training(recipe, train_dtype, recorded, reference, ckpt, base, state["lora"])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     umask = os.umask(0)
@@ -172,9 +254,13 @@ def export(source: Path, out: Path, adapter_only: bool = False, overrides: Optio
             shutil.copyfile(ckpt / "classification.json", tmp / "classification.json")
         exported = _reload(tmp, adapter_only, base, dtype, train_dtype, recipe.model.trust_remote_code, state.get("sequence_labels"),
                            tokenizer.pad_token_id)
-        diff = max(float((a - b).abs().max()) for a, b in zip(logits(exported, prompts), reference))
+        served = logits(exported, prompts)
+        diff = max(float((a - b).abs().max()) for a, b in zip(served, reference))
         del exported
         tolerance = _tolerance(recipe, dtype, reference)
+        if recorded is not None:  # the export against the live model directly, not only through the rebuild
+            training["max_abs_logit_diff_exported"] = verify.max_difference(recorded, served)
+            training["tolerance_exported"] = training["tolerance"] + tolerance
         report = {
             "source_checkpoint": str(ckpt.resolve()),
             "step": state["step"],
@@ -185,13 +271,20 @@ def export(source: Path, out: Path, adapter_only: bool = False, overrides: Optio
             "max_abs_logit_diff": diff,
             "tolerance": tolerance,
             "verify_prompts": len(prompts),
+            "checked_against_training": training,
         }
-        if not diff <= tolerance:
-            raise UserError(
-                f"export check failed: the exported model's logits differ from the trained model's by {diff:.3g} "
-                f"(tolerance {tolerance:.3g}, dtype {report['dtype']}). Nothing was written to {out}. Try export.dtype=float32, "
-                "or raise export.verify_tolerance if the difference is expected."
-            )
+        if base_check is not None:
+            report["base_weights"] = base_check
+        checks = [(diff, tolerance, "the trained model's (rebuilt from the checkpoint)")]
+        if recorded is not None:
+            checks.append((training["max_abs_logit_diff_exported"], training["tolerance_exported"], "the live model's at save time"))
+        for found, allowed, whose in checks:
+            if not found <= allowed:
+                raise UserError(
+                    f"export check failed: the exported model's logits differ from {whose} by {found:.3g} "
+                    f"(tolerance {allowed:.3g}, dtype {report['dtype']}). Nothing was written to {out}. Try export.dtype=float32, "
+                    "or raise export.verify_tolerance if the difference is expected."
+                )
         (tmp / "export.json").write_text(json.dumps(report, indent=2) + "\n")
         if earlier:
             old = out.parent / f".{out.name}-replaced"

@@ -136,8 +136,17 @@ def run(recipe, dist, stop=None) -> dict:
             (directory / "classification.json").write_text(json.dumps(describe(classes, recipe.task, tokenizer), indent=1))
 
     def save_checkpoint(step: int, scheduler, stopped_by) -> None:
+        from launcher import verify
+
+        # What export checks against: every rank runs these forwards (a collective under ZeRO-3 and FSDP).
+        live = verify.live_logits(engine.model, verify_ids, dist.device)
+
+        def extras(directory: Path) -> None:
+            write_extras(directory)
+            verify.write(directory, live, path if recipe.lora.enabled else None)
+
         state = {**meta, "epoch": step / schedule.batches.steps_per_epoch, "scheduler": scheduler.state_dict(), "stopped_by": stopped_by}
-        checkpoint.save(engine, run_dir, step, dist, recipe.checkpoint.keep_last, state, write_extras)
+        checkpoint.save(engine, run_dir, step, dist, recipe.checkpoint.keep_last, state, extras)
 
     return train(recipe, engine, dist, prepared, schedule, tokenizer, run_dir, save_checkpoint, stop, resumed if continuing else None)
 

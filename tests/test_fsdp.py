@@ -55,6 +55,11 @@ def test_fsdp_export_loads_and_matches_ddp(runs):
     assert sorted(load_file(fsdp_final / "model.safetensors")) == sorted(load_file(runs["ddp"] / "final" / "model.safetensors"))
     m = models["fsdp"]
     assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()
+    # Full fine-tuning keeps the tie (one parameter in training), so the export stays tied for servers too,
+    # and it matches the logits the live, sharded model gave at save time.
+    assert json.loads((fsdp_final / "config.json").read_text())["tie_word_embeddings"] is True
+    training = json.loads((fsdp_final / "export.json").read_text())["checked_against_training"]
+    assert training["max_abs_logit_diff_rebuilt"] <= training["tolerance"] and training["max_abs_logit_diff_exported"] <= training["tolerance_exported"]
     ddp_params = dict(models["ddp"].named_parameters())
     worst = max((p - ddp_params[n]).abs().max().item() for n, p in m.named_parameters())
     assert worst < 1e-4, f"final weights differ from ddp by {worst:.2e}"
