@@ -38,15 +38,17 @@ def start_checkpoint(recipe) -> Optional[Path]:
         raise UserError(f"checkpoint.resume: {e}") from None
 
 
-def check(recipe, ckpt: Path, model_path: Path, global_batch: int, total_steps: int, world_size: int, classes=None) -> list:
+def check(recipe, ckpt: Path, model_path: Path, global_batch: int, total_steps: int, world_size: int, classes=None, data_files=None) -> list:
     """Raise UserError naming everything that keeps `ckpt` from continuing `recipe`; otherwise
     return the recipe keys that changed since the checkpoint (they take effect from its step on).
-    `classes`: a classifier's label set now (collected labels change when the data does)."""
+    `classes`: a classifier's label set now (collected labels change when the data does).
+    `data_files`: {path: content digest} of the data now (data.prepare.data_files)."""
     from launcher.rundir import FREE_KEYS, differences
 
     state = checkpoint.read_state(ckpt)
     old = yaml.safe_load((ckpt / "recipe.yaml").read_text()) or {}
     new = to_dict(recipe)
+    own = ckpt.resolve().parent.parent == Path(recipe.output_dir).resolve()
     problems = []
 
     def compare(key: str, then, now) -> None:
@@ -78,6 +80,8 @@ def check(recipe, ckpt: Path, model_path: Path, global_batch: int, total_steps: 
             "x ranks): the data position and the LR schedule are counted in steps. Keep the global batch, e.g. with "
             "train.global_batch_size"
         )
+    if own:  # continuing this run: its data must be the data it trained on
+        problems += _data_changes(state.get("data_files") or {}, data_files or {})
     if state["step"] > total_steps:
         problems.append(f"it is at step {state['step']}, past this recipe's last step {total_steps} (raise train.max_steps or train.epochs)")
     if problems:
@@ -86,7 +90,6 @@ def check(recipe, ckpt: Path, model_path: Path, global_batch: int, total_steps: 
             "or start a new run (another output_dir, or --overwrite)."
         )
     changed = [k for k in differences(old, new) if not k.startswith(FREE_KEYS)]
-    own = ckpt.resolve().parent.parent == Path(recipe.output_dir).resolve()
     foreign = [k for k in changed if not k.startswith(_EXTENDABLE)]
     if own and foreign:
         raise UserError(
@@ -95,6 +98,17 @@ def check(recipe, ckpt: Path, model_path: Path, global_batch: int, total_steps: 
             f"new settings, add checkpoint.resume={ckpt}), or pass --overwrite to delete that run's files and start over."
         )
     return changed
+
+
+def _data_changes(then: dict, now: dict) -> list:
+    """A file the checkpoint trained on whose content is another now (checkpoints before data digests: none)."""
+    return [
+        f"data file {path} is not the one it trained on (its content changed: {then[path]} there, {now[path]} now), so every "
+        "later step would draw other examples and a data.eval_fraction split would move eval rows into training; put "
+        "the file back as it was"
+        for path in then
+        if path in now and now[path] != then[path]
+    ]
 
 
 def finished(recipe, ckpt: Optional[Path], total_steps: int) -> bool:

@@ -43,7 +43,7 @@ def run(recipe, dist, stop=None) -> dict:
     from launcher import engines, resume, rundir
     from launcher.cache import cache_root
     from launcher.data.classify import sequence_labels
-    from launcher.data.prepare import prepare
+    from launcher.data.prepare import data_files, prepare
     from launcher.logs import MetricsLog
     from launcher.model import add_lora, enable_gradient_checkpointing, load_model, load_tokenizer, model_dir, resolve_dtype
     from launcher.train import make_schedule, train
@@ -65,7 +65,8 @@ def run(recipe, dist, stop=None) -> dict:
     resumed = resume.start_checkpoint(recipe)
     start_step = 0
     if resumed is not None:
-        resume.check(recipe, resumed, path, schedule.batches.global_batch, schedule.total_steps, dist.world_size, prepared.classes)
+        resume.check(recipe, resumed, path, schedule.batches.global_batch, schedule.total_steps, dist.world_size, prepared.classes,
+                     data_files(prepared.stats))
         start_step = checkpoint.read_state(resumed)["step"]
     if dist.is_main:
         resume.trim_metrics(run_dir, start_step)  # the steps after the checkpoint are logged again
@@ -110,6 +111,7 @@ def run(recipe, dist, stop=None) -> dict:
         "train_dtype": str(resolve_dtype(recipe.model.dtype, dist.device)).removeprefix("torch."),
         "base_model": str(Path(path).resolve()),
         "sequence_labels": sequence_labels(classes),  # a sequence classifier: export builds one with these classes
+        "data_files": data_files(prepared.stats),  # content digests: a resume refuses edited data
     }
 
     def write_extras(directory: Path) -> None:
