@@ -6,8 +6,7 @@ Layout of `output_dir/checkpoints/`:
     step-000040/
       model/                 the engine's own files: DCP (ddp, fsdp) or DeepSpeed's tag dir
       rng/rank-00000.pt      python, numpy and torch RNG state of each rank
-      trainer_state.json     step, epoch, global batch, LR scheduler, engine, dtype, base model, stopped_by,
-                             data_files (content digest of each data file)
+      trainer_state.json     step, epoch, global batch, LR scheduler, engine, dtype, base model, stopped_by
       recipe.yaml            the run's resolved recipe
       hf/                    config, generation config, tokenizer (what export needs besides weights)
       verify_prompts.json    a few token sequences export checks its logits on
