@@ -4,13 +4,16 @@ checks that refuse a job before anything is queued."""
 import json
 import os
 import re
+import signal
 import subprocess
+import sys
 import time
 
 import pytest
 
 import slurm_cluster
 from conftest import REPO, run_sft
+from launcher.errors import UserError
 from test_resume import assert_same_weights
 
 QUICKSTART = "recipes/quickstart.yaml"
@@ -105,3 +108,61 @@ def test_submit_without_sbatch_says_so(tmp_path, cache_dir):
     proc = _submit(tmp_path / "run", cache_dir, env={"PATH": str(tmp_path)})  # no sbatch on PATH
     assert proc.returncode == 2 and "sbatch was not found on PATH" in proc.stderr
     assert (tmp_path / "run" / "submit.sbatch").is_file()  # written for inspection; nothing queued
+
+
+def test_rendezvous_port_stays_below_the_ephemeral_range_and_apart_for_nearby_jobs():
+    from launcher.launch.slurm import rdzv_port
+
+    def port(job, step=0):
+        return rdzv_port({"SLURM_JOB_ID": str(job), "SLURM_STEP_ID": str(step)})
+
+    ports = [port(job, step) for job in range(100000, 101713) for step in range(7)]
+    assert all(20000 <= p < 32768 for p in ports)  # Linux's ephemeral range starts at 32768
+    assert len(set(ports)) == len(ports)  # no two steps of 1713 consecutive jobs meet
+    assert port(100000) != port(120000)  # 20000 + job % 20000 gave both 20000
+    assert rdzv_port({"SLURM_JOB_ID": "7", "SFT_RDZV_PORT": "41000"}) == 41000
+    with pytest.raises(UserError, match="SFT_RDZV_PORT='70000' is not a TCP port"):
+        rdzv_port({"SLURM_JOB_ID": "7", "SFT_RDZV_PORT": "70000"})
+
+
+def test_a_step_meets_on_its_own_first_node(cluster):
+    """A 2-node allocation: a step on n2 alone names n2 as head, a 2-node step n1; ports follow the step."""
+    probe = ("import json, os; from launcher.launch.slurm import from_allocation, head_node, rdzv_port; "
+             "print(json.dumps([os.environ['SLURM_STEP_ID'], head_node(os.environ), rdzv_port(os.environ), from_allocation(os.environ)]))")
+    steps = f"srun -N1 -n1 -w n2 {sys.executable} -c \"$PROBE\" && srun -N2 --ntasks-per-node=1 {sys.executable} -c \"$PROBE\""
+    proc = subprocess.run(["salloc", "-N2", "bash", "-c", steps], capture_output=True, text=True, timeout=120,
+                          cwd=REPO, env={**os.environ, **cluster, "PROBE": probe})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("[")]
+    (one, *two), ports = sorted(rows, key=lambda r: (r[0], r[3])), {r[2] for r in rows}
+    assert one[:2] == ["0", "n2"] and one[3] == []  # one node: nothing to meet; the allocation's first is n1
+    assert [r[1] for r in two] == ["n1", "n1"] and len(ports) == 2
+    endpoint = f"launch.rdzv_endpoint=n1:{two[0][2]}"
+    assert sorted(r[3] for r in two) == [["launch.nnodes=2", f"launch.node_rank={i}", endpoint] for i in (0, 1)]
+
+
+def test_a_stop_signalled_on_another_node_requeues_even_when_srun_reports_a_kill(cluster, tmp_path, cache_dir):
+    """--signal=USR1@N reaches the nodes at different times: here only rank 1 (node 1) is signalled, so
+    rank 0's checkpoint says "a signal on another rank"; and srun reports 137 (as when --kill-on-bad-exit
+    ended a peer that was still exiting), not 75. The script must still requeue from the checkpoint."""
+    from test_resume import _worker_pids
+
+    as_killed = tmp_path / "as-killed.sh"
+    as_killed.write_text('#!/bin/bash\n"$@"; status=$?\n[ "$status" -eq 75 ] && exit 137\nexit "$status"\n')
+    as_killed.chmod(0o755)
+    run_dir = tmp_path / "run"
+    job = _job(_submit(run_dir, cache_dir, "train.max_steps=200", "train.eval_at_start=false", "export.on_finish=false",
+                       f"slurm.srun_args=[{as_killed}]", env=cluster))
+    metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + 600
+    while not (metrics.is_file() and metrics.read_text().count('"loss"') >= 2):
+        assert time.monotonic() < deadline, "the job did not start training"
+        time.sleep(0.2)
+    os.kill(_worker_pids(run_dir)[1], signal.SIGUSR1)
+    full = {**os.environ, **cluster}
+    while "Restarts=1" not in (show := subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, env=full).stdout):
+        assert time.monotonic() < deadline and "JobState=FAILED" not in show and "JobState=COMPLETED" not in show, show
+        time.sleep(0.5)
+    subprocess.run(["scancel", job], env=full, check=True)  # resuming a requeued job is the USR1 test's
+    latest = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert json.loads((latest / "trainer_state.json").read_text())["stopped_by"] == "a signal on another rank"
+    assert f"requeueing job {job}" in (run_dir / "logs" / f"slurm-{job}.out").read_text()
