@@ -129,8 +129,11 @@ def test_an_edit_that_keeps_size_and_mtime_is_tokenized_again(tmp_path, tok, mon
 
     from launcher.data import digest
 
-    monkeypatch.setattr(digest, "RACY_S", 0.0)  # remember digests of files written just now, as of older files
     path = tmp_path / "d.jsonl"
+    _write(path, [{"text": "just written"}])
+    digest.file_digest(str(path), tmp_path / "cache")
+    assert not (tmp_path / "cache" / "digests").exists()  # changed under RACY_S ago: hashed, not remembered
+    monkeypatch.setattr(digest, "RACY_S", 0.0)  # remember digests of files written just now, as of older files
     first = _prepare(tmp_path, tok, [{"text": "row one"}, {"text": "row two"}], format="text")
     memo = list((tmp_path / "cache" / "digests").glob("*.json"))
     assert len(memo) == 1 and json.loads(memo[0].read_text())["digest"] == first.stats[0].digest

@@ -47,9 +47,11 @@ def file_digest(path: str, cache: Path) -> str:
     except (OSError, ValueError, KeyError, TypeError):
         pass
     name, h = _hasher()
+    buffer = bytearray(CHUNK)
+    view = memoryview(buffer)
     with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
+        while n := f.readinto(buffer):
+            h.update(view[:n])
     digest = f"{name}:{h.hexdigest()}"
     changed_ns = max(before.st_mtime_ns, before.st_ctime_ns)
     if _identity(os.stat(path)) == _identity(before) and time.time_ns() - changed_ns > RACY_S * 1e9:
