@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def file_digest(path: str, cache: Path) -> str:
     changed_ns = max(before.st_mtime_ns, before.st_ctime_ns)
     if _identity(os.stat(path)) == _identity(before) and time.time_ns() - changed_ns > RACY_S * 1e9:
         memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_name(f".{memo.name}.{os.getpid()}")  # ranks and nodes may write the same memo at once
+        tmp = memo.with_name(f".{memo.name}.{socket.gethostname()}.{os.getpid()}")  # ranks and nodes may write it at once
         tmp.write_text(json.dumps({"path": str(path), "stat": _identity(before), "digest": digest}))
         tmp.replace(memo)
     return digest
