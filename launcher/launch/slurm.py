@@ -126,9 +126,8 @@ def rdzv_port(env) -> int:
         if not text.isdigit() or not 0 < int(text) < 65536:
             raise UserError(f"{PORT_ENV}={text!r} is not a TCP port (1-65535); set it to a free port, the same on every node.")
         return int(text)
-    job = int(env["SLURM_JOB_ID"])
-    step = int(env.get("SLURM_STEP_ID", "0")) if env.get("SLURM_STEP_ID", "0").isdigit() else 0
-    return PORT_BASE + (PORT_STRIDE * job + step) % PORT_SPAN
+    step = env.get("SLURM_STEP_ID", "0")  # not a number outside srun ("batch", "extern")
+    return PORT_BASE + (PORT_STRIDE * int(env["SLURM_JOB_ID"]) + (int(step) if step.isdigit() else 0)) % PORT_SPAN
 
 
 def head_node(env) -> str:
