@@ -127,7 +127,10 @@ def main(argv=None) -> int:
         start = resume.start_checkpoint(recipe)
         if start is not None:
             total = plan.schedule.total_steps
-            changed = resume.check(recipe, start, plan.model_path, plan.schedule.batches.global_batch, total, plan.world_size, plan.classes)
+            from launcher.data.prepare import data_files
+
+            changed = resume.check(recipe, start, plan.model_path, plan.schedule.batches.global_batch, total, plan.world_size, plan.classes,
+                                   data_files(plan.files))
             step = checkpoint.read_state(start)["step"]
             if resume.finished(recipe, start, total):
                 print(f"{recipe.output_dir} has finished: {start.name} is step {step} of {total}"

@@ -62,11 +62,12 @@ def keep_settings(optimizer, settings: list) -> None:
         group.pop("initial_lr", None)  # the saved run's base lr, which the new LR scheduler would keep
 
 
-def check(recipe, ckpt: Path, model_path: Path, global_batch: int, total_steps: int, world_size: int, classes=None) -> list:
+def check(recipe, ckpt: Path, model_path: Path, global_batch: int, total_steps: int, world_size: int, classes=None, data_files=None) -> list:
     """Raise UserError naming everything that keeps `ckpt` from continuing `recipe`; otherwise
     return the recipe keys that changed since the checkpoint (in its own output_dir they take effect from its
     step on; another run's checkpoint only initialises this one, see the module docstring).
-    `classes`: a classifier's label set now (collected labels change when the data does)."""
+    `classes`: a classifier's label set now (collected labels change when the data does).
+    `data_files`: {path: content digest} of the data now (data.prepare.data_files)."""
     from launcher.rundir import FREE_KEYS, differences
 
     own = continues(recipe, ckpt)
@@ -74,6 +75,7 @@ def check(recipe, ckpt: Path, model_path: Path, global_batch: int, total_steps: 
     state = checkpoint.read_state(ckpt)
     old = yaml.safe_load((ckpt / "recipe.yaml").read_text()) or {}
     new = to_dict(recipe)
+    own = ckpt.resolve().parent.parent == Path(recipe.output_dir).resolve()
     problems = []
 
     def compare(key: str, then, now) -> None:
@@ -105,6 +107,8 @@ def check(recipe, ckpt: Path, model_path: Path, global_batch: int, total_steps: 
             "x ranks): the data position and the LR schedule are counted in steps. Keep the global batch, e.g. with "
             "train.global_batch_size"
         )
+    if own:  # continuing this run: its data must be the data it trained on
+        problems += _data_changes(state.get("data_files") or {}, data_files or {})
     if own and state["step"] > total_steps:
         problems.append(f"it is at step {state['step']}, past this recipe's last step {total_steps} (raise train.max_steps or train.epochs)")
     if problems:
@@ -121,6 +125,17 @@ def check(recipe, ckpt: Path, model_path: Path, global_batch: int, total_steps: 
             f"new settings, add checkpoint.resume={ckpt}), or pass --overwrite to delete that run's files and start over."
         )
     return changed
+
+
+def _data_changes(then: dict, now: dict) -> list:
+    """A file the checkpoint trained on whose content is another now (checkpoints before data digests: none)."""
+    return [
+        f"data file {path} is not the one it trained on (its content changed: {then[path]} there, {now[path]} now), so every "
+        "later step would draw other examples and a data.eval_fraction split would move eval rows into training; put "
+        "the file back as it was"
+        for path in then
+        if path in now and now[path] != then[path]
+    ]
 
 
 def finished(recipe, ckpt: Optional[Path], total_steps: int) -> bool:

@@ -42,7 +42,7 @@ def run(recipe, dist, stop=None) -> dict:
     from launcher import engines, resume, rundir
     from launcher.cache import cache_root
     from launcher.data.classify import sequence_labels
-    from launcher.data.prepare import prepare
+    from launcher.data.prepare import data_files, prepare
     from launcher.logs import MetricsLog
     from launcher.model import add_lora, enable_gradient_checkpointing, load_model, load_tokenizer, model_dir, resolve_dtype
     from launcher.train import make_schedule, train
@@ -65,7 +65,8 @@ def run(recipe, dist, stop=None) -> dict:
     start_step, init_from = 0, None
     continuing = resumed is not None and resume.continues(recipe, resumed)
     if resumed is not None:
-        resume.check(recipe, resumed, path, schedule.batches.global_batch, schedule.total_steps, dist.world_size, prepared.classes)
+        resume.check(recipe, resumed, path, schedule.batches.global_batch, schedule.total_steps, dist.world_size, prepared.classes,
+                     data_files(prepared.stats))
         state = checkpoint.read_state(resumed)
         if continuing:
             start_step, init_from = state["step"], state.get("init_from")

@@ -123,6 +123,30 @@ def test_tokenized_once_then_cached(tmp_path, tok):
     assert len(list((tmp_path / "cache" / "tokenized").glob("*.arrow"))) == 2
 
 
+def test_an_edit_that_keeps_size_and_mtime_is_tokenized_again(tmp_path, tok, monkeypatch):
+    """`cp -p` / `rsync -a` of an edited file keep size and mtime: the cache is keyed by content."""
+    import os
+
+    from launcher.data import digest
+
+    path = tmp_path / "d.jsonl"
+    _write(path, [{"text": "just written"}])
+    digest.file_digest(str(path), tmp_path / "cache")
+    assert not (tmp_path / "cache" / "digests").exists()  # changed under RACY_S ago: hashed, not remembered
+    monkeypatch.setattr(digest, "RACY_S", 0.0)  # remember digests of files written just now, as of older files
+    first = _prepare(tmp_path, tok, [{"text": "row one"}, {"text": "row two"}], format="text")
+    memo = list((tmp_path / "cache" / "digests").glob("*.json"))
+    assert len(memo) == 1 and json.loads(memo[0].read_text())["digest"] == first.stats[0].digest
+    st = path.stat()
+    path.write_text(path.read_text().replace("one", "six"))  # same size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    second = _prepare(tmp_path, tok, None, format="text")
+    assert second.stats[0].digest != first.stats[0].digest
+    assert tok.decode(second.train[0]["input_ids"]).startswith("row six")
+    assert second.train["input_ids"][1] == first.train["input_ids"][1]
+
+
 def test_eval_fraction_is_held_out(tmp_path, tok):
     rows = [{"text": f"row {i}"} for i in range(20)]
     p = _prepare(tmp_path, tok, rows, format="text", eval_fraction=0.25)

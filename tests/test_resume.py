@@ -289,8 +289,9 @@ def test_a_checkpoint_that_does_not_fit_is_refused_before_any_worker(config, ext
 
 
 def test_own_run_dir_finished_never_and_extended(tmp_path, cache_dir):
-    run_dir = tmp_path / "run"
-    args = _args(run_dir, cache_dir, "ddp", f"train.max_steps={EVERY}", "export.on_finish=true", nproc=1)
+    run_dir, train = tmp_path / "run", tmp_path / "train.jsonl"
+    train.write_text((REPO / "recipes/data/quickstart/train.jsonl").read_text())
+    args = _args(run_dir, cache_dir, "ddp", f"train.max_steps={EVERY}", "export.on_finish=true", f"data.train_files=[{train}]", nproc=1)
     assert run_sft(args).returncode == 0
     again = run_sft(args)
     assert again.returncode == 0 and "has finished" in again.stdout and "Nothing to do" in again.stdout
@@ -302,3 +303,12 @@ def test_own_run_dir_finished_never_and_extended(tmp_path, cache_dir):
     assert longer.returncode == 0, longer.stderr[-3000:]
     assert "changed since: train.max_steps" in longer.stdout
     assert json.loads((run_dir / "final" / "export.json").read_text())["step"] == EVERY + 2  # final/ follows the run
+
+    # The training file edited between attempts, as `cp -p` / `rsync -a` would leave it: same size and mtime.
+    state = json.loads((run_dir / "checkpoints" / f"step-{EVERY + 2:06d}" / "trainer_state.json").read_text())
+    st = train.stat()
+    train.write_text(train.read_text().replace('"content": "y o d a"', '"content": "y o d e"', 1))  # the first reply
+    os.utime(train, ns=(st.st_atime_ns, st.st_mtime_ns))
+    edited = run_sft([*args, f"train.max_steps={EVERY + 4}"])
+    assert edited.returncode == 2 and f"data file {train} is not the one it trained on" in edited.stderr, edited.stderr[-2000:]
+    assert state["data_files"][str(train)] in edited.stderr  # the digest the checkpoint recorded

@@ -4,13 +4,16 @@ checks that refuse a job before anything is queued."""
 import json
 import os
 import re
+import signal
 import subprocess
+import sys
 import time
 
 import pytest
 
 import slurm_cluster
 from conftest import REPO, run_sft
+from launcher.errors import UserError
 from test_resume import assert_same_weights
 
 QUICKSTART = "recipes/quickstart.yaml"
@@ -49,25 +52,32 @@ def test_submit_runs_a_two_node_zero3_lora_job_and_values_stay_inert(cluster, tm
     assert f"export SFT_TEST_VALUE={nasty!r}"[:20] in (run_dir / "submit.sbatch").read_text()
 
 
-def test_usr1_checkpoints_requeues_and_finishes_like_an_uninterrupted_run(cluster, tmp_path, cache_dir):
+def test_usr1_on_one_node_checkpoints_requeues_and_finishes_like_an_uninterrupted_run(cluster, tmp_path, cache_dir):
+    """--signal=USR1@N reaches the nodes at different times (DESIGN.md): here only rank 1 (node 1) is
+    signalled, so rank 0's stop checkpoint says "a signal on another rank". And srun reports 137, as when
+    --kill-on-bad-exit ends a peer that was still exiting, not 75: the script requeues from the checkpoint."""
+    from test_resume import _worker_pids
+
     common = ["train.max_steps=40", "checkpoint.keep_last=5", "export.on_finish=false"]
-    run_dir = tmp_path / "run"
+    run_dir, as_killed = tmp_path / "run", tmp_path / "as-killed.sh"
+    as_killed.write_text('#!/bin/bash\n"$@"; status=$?\n[ "$status" -eq 75 ] && exit 137\nexit "$status"\n')
+    as_killed.chmod(0o755)
     # Both "nodes" share this host's cores, as the reference's 2 ranks do: one thread per rank in both, so
     # the matmuls sum in the same order and the weights can be compared bitwise.
-    job = _job(_submit(run_dir, cache_dir, *common, "slurm.env={OMP_NUM_THREADS: '1'}", env=cluster))
+    job = _job(_submit(run_dir, cache_dir, *common, "slurm.env={OMP_NUM_THREADS: '1'}", f"slurm.srun_args=[{as_killed}]", env=cluster))
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 600
     while not (metrics.is_file() and metrics.read_text().count('"loss"') >= 5):
         assert time.monotonic() < deadline, "the job did not start training"
         time.sleep(0.2)
-    subprocess.run(["scancel", "--signal=USR1", job], check=True, env={**os.environ, **cluster})
+    os.kill(_worker_pids(run_dir)[1], signal.SIGUSR1)
     slurm_cluster.release_requeued(job, cluster)
     assert slurm_cluster.wait_until_done(job, cluster) == "COMPLETED"
     out = (run_dir / "logs" / f"slurm-{job}.out").read_text()
-    assert "requeueing job" in out and "(restart 1)" in out
+    assert "exit code 137" in out and "requeueing job" in out and "(restart 1)" in out
     assert "resuming from" in (run_dir / "logs" / f"slurm-{job}-node0.out").read_text()
     stops = [json.loads((c / "trainer_state.json").read_text()) for c in (run_dir / "checkpoints").glob("step-*")]
-    assert any(s["stopped_by"] == "SIGUSR1" and s["step"] < 40 for s in stops)
+    assert any(s["stopped_by"] == "a signal on another rank" and s["step"] < 40 for s in stops)
 
     reference = tmp_path / "reference"  # the same 2-rank run on one node, never interrupted
     proc = run_sft(["run", QUICKSTART, f"output_dir={reference}", f"data.cache_dir={cache_dir}", "train.eval_generate=0",
@@ -105,3 +115,35 @@ def test_submit_without_sbatch_says_so(tmp_path, cache_dir):
     proc = _submit(tmp_path / "run", cache_dir, env={"PATH": str(tmp_path)})  # no sbatch on PATH
     assert proc.returncode == 2 and "sbatch was not found on PATH" in proc.stderr
     assert (tmp_path / "run" / "submit.sbatch").is_file()  # written for inspection; nothing queued
+
+
+def test_rendezvous_port_stays_below_the_ephemeral_range_and_apart_for_nearby_jobs():
+    from launcher.launch.slurm import rdzv_port
+
+    def port(job, step=0):
+        return rdzv_port({"SLURM_JOB_ID": str(job), "SLURM_STEP_ID": str(step)})
+
+    ports = [port(job, step) for job in range(100000, 101713) for step in range(7)]
+    assert all(20000 <= p < 32768 for p in ports)  # Linux's ephemeral range starts at 32768
+    assert len(set(ports)) == len(ports)  # no two steps of 1713 consecutive jobs meet
+    assert port(100000) != port(120000)  # 20000 + job % 20000 gave both 20000
+    assert rdzv_port({"SLURM_JOB_ID": "7", "SFT_RDZV_PORT": "41000"}) == 41000
+    with pytest.raises(UserError, match="SFT_RDZV_PORT='70000' is not a TCP port"):
+        rdzv_port({"SLURM_JOB_ID": "7", "SFT_RDZV_PORT": "70000"})
+
+
+def test_a_step_meets_on_its_own_first_node(cluster):
+    """A 2-node allocation: a step on n2 alone names n2 as head, a 2-node step n1; ports follow the step."""
+    probe = ("import json, os; from launcher.launch.slurm import from_allocation, head_node, rdzv_port; "
+             "print(json.dumps([os.environ['SLURM_STEP_ID'], head_node(os.environ), rdzv_port(os.environ), from_allocation(os.environ)]))")
+    steps = f"srun -N1 -n1 -w n2 {sys.executable} -c \"$PROBE\" && srun -N2 --ntasks-per-node=1 {sys.executable} -c \"$PROBE\""
+    proc = subprocess.run(["salloc", "-N2", "bash", "-c", steps], capture_output=True, text=True, timeout=120,
+                          cwd=REPO, env={**os.environ, **cluster, "PROBE": probe})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("[")]
+    (one, *two), ports = sorted(rows, key=lambda r: (r[0], r[3])), {r[2] for r in rows}
+    assert one[:2] == ["0", "n2"] and one[3] == []  # one node: nothing to meet; the allocation's first is n1
+    assert [r[1] for r in two] == ["n1", "n1"] and len(ports) == 2
+    endpoint = f"launch.rdzv_endpoint=n1:{two[0][2]}"
+    assert sorted(r[3] for r in two) == [["launch.nnodes=2", f"launch.node_rank={i}", endpoint] for i in (0, 1)]
+

@@ -1,6 +1,6 @@
 """Load local data files with `datasets`, tokenize them once, cache the result.
 
-The cache key is our own fingerprint (file identity, format, tokenizer, length policy),
+The cache key is our own fingerprint (file content, format, tokenizer, length policy),
 so every rank and every rerun computes the same cache file name: the first process to
 get there tokenizes, the others load the Arrow file. `sft run` prepares the data in the
 launcher before any worker starts, so row errors surface there and workers only read.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from datasets import Dataset, concatenate_datasets
 
 from launcher.data import classify
+from launcher.data.digest import file_digest
 from launcher.data.formats import to_example
 from launcher.data.tokenize import TemplateError, tokenize_completion, too_long_status, tokenize_conversation
 from launcher.errors import DataError
@@ -40,6 +40,7 @@ class FileStats:
     dropped_too_long: int = 0
     dropped_no_target: int = 0
     target_tokens: int = 0
+    digest: str = ""  # the file's content (data/digest.py): checkpoints record it, a resume compares it
 
 
 @dataclass
@@ -51,21 +52,25 @@ class Prepared:
     classes: Optional[classify.Classes] = None
 
 
-def read_rows(path: str, cache: Path) -> Dataset:
+def read_rows(path: str, cache: Path) -> tuple:
+    """The file's rows and its content digest."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"Data file {path} does not exist. Fix the path in `data.train_files` / `data.eval_files` (relative paths are relative to the directory you run from).")
     builder = BUILDERS.get(p.suffix.lower())
     if builder is None:
         raise DataError(f"Data file {path}: unsupported extension {p.suffix!r}; use one of {', '.join(BUILDERS)}.")
+    digest = file_digest(path, cache)
+    # datasets keys its own cache of the parsed rows by path and mtime only: one cache per content.
+    rows_cache = cache / "datasets" / digest.replace(":", "-")
     try:
         as_text = _csv_as_text(p) if builder == "csv" else {}
-        ds = datasets.load_dataset(builder, data_files=str(p.resolve()), split="train", cache_dir=str(cache / "datasets"), **as_text)
+        ds = datasets.load_dataset(builder, data_files=str(p.resolve()), split="train", cache_dir=str(rows_cache), **as_text)
     except Exception as e:  # datasets raises many types for malformed files
         raise DataError(f"Data file {path} could not be read as {builder}: {str(e).splitlines()[0]}. Check that every line is valid {builder.upper()}.") from None
     if len(ds) == 0:
         raise DataError(f"Data file {path} has no rows.")
-    return ds
+    return ds, digest
 
 
 def _csv_as_text(path: Path) -> dict:
@@ -83,9 +88,8 @@ def tokenizer_signature(tokenizer) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
-def fingerprint(path: str, cfg: DataConfig, tokenizer, is_eval: bool, classes: Optional[classify.Classes] = None, task=None) -> str:
-    st = os.stat(path)
-    key = [str(Path(path).resolve()), st.st_size, st.st_mtime_ns, cfg.format, cfg.max_seq_len, cfg.too_long, is_eval, tokenizer_signature(tokenizer), TOKENIZATION_VERSION]
+def fingerprint(digest: str, cfg: DataConfig, tokenizer, is_eval: bool, classes: Optional[classify.Classes] = None, task=None) -> str:
+    key = [digest, cfg.format, cfg.max_seq_len, cfg.too_long, is_eval, tokenizer_signature(tokenizer), TOKENIZATION_VERSION]
     if classes is not None:
         key += [classes.names, classes.head, task.text_field, task.label_field, task.prompt]
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]
@@ -125,9 +129,9 @@ def _classify_fn(cfg: DataConfig, task, tokenizer, classes: classify.Classes, fi
     return fn
 
 
-def tokenize_file(path: str, raw: Dataset, cfg: DataConfig, tokenizer, cache: Path, is_eval: bool = False, classes=None, task=None) -> tuple:
-    """`raw`: the file's rows (read_rows)."""
-    fp = fingerprint(path, cfg, tokenizer, is_eval, classes, task)
+def tokenize_file(path: str, raw: Dataset, digest: str, cfg: DataConfig, tokenizer, cache: Path, is_eval: bool = False, classes=None, task=None) -> tuple:
+    """`raw`, `digest`: the file's rows and content (read_rows)."""
+    fp = fingerprint(digest, cfg, tokenizer, is_eval, classes, task)
     cache_file = cache / "tokenized" / f"{fp}.arrow"
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     # Eval data is truncated rather than dropped or rejected: it is measured, not trained on.
@@ -154,19 +158,20 @@ def tokenize_file(path: str, raw: Dataset, cfg: DataConfig, tokenizer, cache: Pa
         dropped_too_long=counts.get("dropped_too_long", 0),
         dropped_no_target=counts.get("dropped_no_target", 0),
         target_tokens=int(sum(kept["n_targets"])),
+        digest=digest,
     )
     return kept, stats
 
 
 def prepare(cfg: DataConfig, tokenizer, cache: Path, seed: int, task=None) -> Prepared:
     """`task`: the recipe's task section; classification rows need it (sft ignores it)."""
-    train_rows = [(path, read_rows(path, cache)) for path in cfg.train_files]  # a file listed twice counts twice
+    train_rows = [(path, *read_rows(path, cache)) for path in cfg.train_files]  # a file listed twice counts twice
     classes = None
     if task is not None and task.type == "classification":
-        classes = classify.make_classes(task, tokenizer, classify.collect_labels(task, dict(train_rows)))
+        classes = classify.make_classes(task, tokenizer, classify.collect_labels(task, {path: raw for path, raw, _ in train_rows}))
     parts, stats = [], []
-    for path, raw in train_rows:
-        ds, st = tokenize_file(path, raw, cfg, tokenizer, cache, classes=classes, task=task)
+    for path, raw, digest in train_rows:
+        ds, st = tokenize_file(path, raw, digest, cfg, tokenizer, cache, classes=classes, task=task)
         parts.append(ds)
         stats.append(st)
     train = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
@@ -174,7 +179,7 @@ def prepare(cfg: DataConfig, tokenizer, cache: Path, seed: int, task=None) -> Pr
     if cfg.eval_files:
         eval_parts = []
         for path in cfg.eval_files:
-            ds, st = tokenize_file(path, read_rows(path, cache), cfg, tokenizer, cache, is_eval=True, classes=classes, task=task)
+            ds, st = tokenize_file(path, *read_rows(path, cache), cfg, tokenizer, cache, is_eval=True, classes=classes, task=task)
             eval_parts.append(ds)
             stats.append(st)
         eval_ds = concatenate_datasets(eval_parts) if len(eval_parts) > 1 else eval_parts[0]
@@ -187,3 +192,8 @@ def prepare(cfg: DataConfig, tokenizer, cache: Path, seed: int, task=None) -> Pr
         detail = "; ".join(f"{s.file}: {s.rows} rows, {s.dropped_too_long} too long, {s.dropped_no_target} with no target tokens" for s in stats)
         raise DataError(f"No training examples are left after filtering ({detail}). Raise data.max_seq_len or use data.too_long=truncate.")
     return Prepared(train=train, eval=eval_ds if eval_ds is not None and len(eval_ds) else None, stats=stats, classes=classes)
+
+
+def data_files(stats: List[FileStats]) -> Dict[str, str]:
+    """{path as in the recipe: content digest} of every file read: what a checkpoint records."""
+    return {s.file: s.digest for s in stats}

@@ -109,12 +109,41 @@ def render(recipe, recipe_path: str, overrides: list, workdir: Path) -> str:
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
 
+# The rendezvous port: 20000-31999, below Linux's default ephemeral range (32768-60999, where the
+# kernel picks the local ports of outgoing connections, so one could already hold ours). Port =
+# base + (7 x job id + step id) mod 12000: two steps get the same port only if their job ids differ
+# by 1713 or more or their step ids by 7 or more (7 x 1712 + 6 < 12000), so the jobs of a sweep
+# submitted together never collide on a shared node (20000 + job mod 20000 made ids 20000 apart
+# collide, and sat in the ephemeral range).
+PORT_BASE, PORT_SPAN, PORT_STRIDE = 20000, 12000, 7
+PORT_ENV = "SFT_RDZV_PORT"  # set it (slurm.env, or export before srun) to choose the port yourself
+
+
+def rdzv_port(env) -> int:
+    """The port node 0 listens on for this step: SFT_RDZV_PORT, else derived from job and step id."""
+    if env.get(PORT_ENV):
+        text = env[PORT_ENV]
+        if not text.isdigit() or not 0 < int(text) < 65536:
+            raise UserError(f"{PORT_ENV}={text!r} is not a TCP port (1-65535); set it to a free port, the same on every node.")
+        return int(text)
+    step = env.get("SLURM_STEP_ID", "0")  # not a number outside srun ("batch", "extern")
+    return PORT_BASE + (PORT_STRIDE * int(env["SLURM_JOB_ID"]) + (int(step) if step.isdigit() else 0)) % PORT_SPAN
+
+
+def head_node(env) -> str:
+    """The step's first node. Not the allocation's: a step on some of its nodes would meet on a node
+    outside the step and wait there forever. Not `hostname` either (which may say 127.0.0.1)."""
+    nodelist = env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]
+    names = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    return names.stdout.split()[0]
+
+
 def from_allocation(env) -> list:
-    """Inside an srun step of a multi-node allocation (one task per node): the overrides that make
-    `sft run` one node of it. The head node comes from the allocation's node list, not `hostname`
-    (which may say 127.0.0.1); the port from the job id, so jobs sharing a node do not collide."""
+    """Inside an srun step on several nodes (one task per node): the overrides that make `sft run`
+    one node of it. Node count and node id are the step's (srun sets them so), the head node is the
+    step's first node (head_node), the port comes from job and step id (rdzv_port)."""
     try:
-        nnodes, node, job = int(env["SLURM_NNODES"]), int(env["SLURM_NODEID"]), int(env["SLURM_JOB_ID"])
+        nnodes, node = int(env.get("SLURM_STEP_NUM_NODES") or env["SLURM_NNODES"]), int(env["SLURM_NODEID"])
         tasks = int(env["SLURM_STEP_NUM_TASKS"])  # set in srun steps only, not in the batch script itself
     except (KeyError, ValueError):
         return []
@@ -125,9 +154,7 @@ def from_allocation(env) -> list:
             f"sft run inside a Slurm step of {tasks} tasks on {nnodes} nodes: run one task per node "
             "(srun --ntasks-per-node=1); each starts launch.nproc_per_node ranks itself."
         )
-    nodelist = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]], capture_output=True, text=True, check=True)
-    head = nodelist.stdout.split()[0]
-    return [f"launch.nnodes={nnodes}", f"launch.node_rank={node}", f"launch.rdzv_endpoint={head}:{20000 + job % 20000}"]
+    return [f"launch.nnodes={nnodes}", f"launch.node_rank={node}", f"launch.rdzv_endpoint={head_node(env)}:{rdzv_port(env)}"]
 
 
 def submit(script: Path) -> str:
