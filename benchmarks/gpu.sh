@@ -17,6 +17,7 @@ REPO=$PWD
 OUT=${OUT:-$REPO/runs/gpu-bench}
 DRY_RUN=${DRY_RUN:-0}
 BUDGET_S=${BUDGET_S:-470}
+export PY=${PYTHON:-python3}  # the GPU image's python3 holds torch; the suite passes its own interpreter
 mkdir -p "$OUT"
 START=$(date +%s)
 FAILED=()
@@ -47,7 +48,7 @@ if [[ $DRY_RUN == 1 ]]; then
 else
   export DS_ACCELERATOR=cuda  # tests/conftest.py defaults it to cpu for the CPU suite
   if ls .whl/*.whl >/dev/null 2>&1; then
-    part install 90 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    part install 90 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   else
     echo "no .whl/ carried: using what the machine has (run benchmarks/gpu_wheels.sh here and carry .whl)"
   fi
@@ -56,7 +57,7 @@ fi
 
 env_report() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || echo "no nvidia-smi"
-  python3 - <<'PY'
+  "$PY" - <<'PY'
 import importlib.metadata as m, sys, torch
 print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "gpus", torch.cuda.device_count())
 for p in ("transformers", "peft", "accelerate", "deepspeed", "datasets", "trl", "omegaconf", "pyarrow", "pydantic", "typing-extensions", "flash-attn", "flash-attn-3", "kernels"):
@@ -77,11 +78,11 @@ part env 30 bash -c 'set -o pipefail; env_report 2>&1 | tee "$OUT/env.txt"'
   echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 } > "$OUT/summary.md"
 if [[ $DRY_RUN == 1 ]]; then
-  part "throughput (dry run)" 60 python3 benchmarks/gpu_throughput.py --dry-run --config full lora \
+  part "throughput (dry run)" 60 "$PY" benchmarks/gpu_throughput.py --dry-run --config full lora \
     --out "$OUT/results.jsonl" --summary "$OUT/summary.md"
 else
   for config in full lora; do  # one process each (first: the figures are the point): peak memory of one configuration alone
-    part "throughput $config" 100 python3 benchmarks/gpu_throughput.py --config "$config" --seq-len 2048 --micro-batch 8 --steps 20 \
+    part "throughput $config" 100 "$PY" benchmarks/gpu_throughput.py --config "$config" --seq-len 2048 --micro-batch 8 --steps 20 \
       --out "$OUT/results.jsonl" --summary "$OUT/summary.md"
   done
 fi
@@ -91,8 +92,8 @@ fi
 TESTS=(tests)
 [[ $DRY_RUN == 1 ]] && TESTS=(tests/test_gpu.py)
 # pytest-timeout (on the GPU image): a hung test fails alone instead of taking the rest with it.
-python3 -c "import pytest_timeout" 2>/dev/null && TESTS+=(--timeout=200)
-part "pytest -m gpu" 400 bash -c 'set -o pipefail; python3 -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors \
+"$PY" -c "import pytest_timeout" 2>/dev/null && TESTS+=(--timeout=200)
+part "pytest -m gpu" 400 bash -c 'set -o pipefail; "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors \
   --junitxml="$OUT/junit.xml" "$@" 2>&1 | tee "$OUT/pytest.log"' pytest "${TESTS[@]}"
 
 {

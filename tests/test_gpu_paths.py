@@ -2,6 +2,7 @@
 backends, ddp's bf16 mixed precision (fp32 master weights), RNG resume on fewer devices, flash
 attention selection. What needs a GPU is in tests/test_gpu.py (benchmarks/gpu.sh runs it)."""
 
+import os
 import random
 import sys
 
@@ -119,6 +120,19 @@ def test_ddp_bf16_lora_keeps_the_frozen_base_in_bf16(cache_dir):
     assert {p.dtype for n, p in params.items() if n not in trained} == {torch.bfloat16}
     train_step(engine, _batches(cache_dir), dist, recipe.train.max_grad_norm)
     assert all(params[n].abs().sum() > 0 for n in trained if "lora_B" in n)  # zero at start; one step moved them
+
+
+@pytest.mark.slow
+def test_zero3_on_one_rank_runs_in_process(tmp_path, cache_dir):
+    """One GPU: `sft run` runs the worker in process, without torchrun's environment, and DeepSpeed's
+    zero.Init reads LOCAL_RANK from it (KeyError before)."""
+    from conftest import run_sft
+
+    assert "LOCAL_RANK" not in os.environ
+    proc = run_sft(["run", str(QUICKSTART), "--nproc", "1", f"output_dir={tmp_path / 'run'}", f"data.cache_dir={cache_dir}",
+                    "strategy.backend=deepspeed", "strategy.zero_stage=3", "train.max_steps=1", "train.eval_at_start=false",
+                    "train.eval_every=0", "train.eval_generate=0", "data.eval_files=[]", "export.on_finish=false"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_rng_checkpoint_is_no_pickle_and_restores_exactly(tmp_path):

@@ -12,7 +12,7 @@ from conftest import REPO
 
 
 def test_gpu_script_dry_run_on_cpu(tmp_path):
-    env = {**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path)}
+    env = {**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path), "PYTHON": sys.executable}
     proc = subprocess.run(["bash", "benchmarks/gpu.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]

@@ -12,6 +12,7 @@ normalised for the whole step (so `scale_wrt_gas=False`), and steps once.
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict
@@ -148,6 +149,10 @@ def _ensure_process_group(dist) -> None:
 
     # gloo for the loop's CPU collectives, NCCL for DeepSpeed's CUDA ones (launcher/dist.py).
     backend = backend_for(dist.device)
+    # DeepSpeed reads the rank's device from the environment (zero.Init: os.environ["LOCAL_RANK"]);
+    # a one-process run without torchrun (`sft run` with one rank runs the worker in process) has none.
+    for key, value in (("RANK", dist.rank), ("LOCAL_RANK", dist.local_rank), ("WORLD_SIZE", dist.world_size)):
+        os.environ.setdefault(key, str(value))
     if not torch_dist.is_initialized():
         import socket
 
