@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -35,11 +36,11 @@ def live_logits(model: torch.nn.Module, prompts: Sequence[Sequence[int]], device
     tensors = {}
     try:
         for i, ids in enumerate(prompts):
-            logits = model(input_ids=torch.tensor([list(ids)], device=device)).logits[0].float().cpu()
+            logits = model(input_ids=torch.tensor([list(ids)], device=device)).logits[0]
             if logits.ndim == 2:  # a causal LM: one row per position; keep a few, the last included
                 positions = torch.linspace(0, logits.size(0) - 1, min(POSITIONS, logits.size(0))).round().long().unique()
-                tensors[f"positions.{i}"], logits = positions, logits[positions]
-            tensors[f"logits.{i}"] = logits.contiguous()
+                tensors[f"positions.{i}"], logits = positions, logits[positions.to(logits.device)]
+            tensors[f"logits.{i}"] = logits.float().cpu().contiguous()
     finally:
         model.train(training)
     return tensors
@@ -98,7 +99,12 @@ def fingerprint(path: Path) -> Optional[str]:
     change it. Reads a few MB however large the model. None when the model has no safetensors."""
     from safetensors import safe_open
 
-    files = sorted(Path(path).glob("*.safetensors"))
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():  # the model's own files only (some repositories ship other formats next to them)
+        files = sorted({path / name for name in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        files = [path / "model.safetensors"] if (path / "model.safetensors").is_file() else sorted(path.glob("*.safetensors"))
     if not files:
         return None
     digests = set()

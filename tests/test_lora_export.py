@@ -310,3 +310,20 @@ def test_zero0_checkpoint_is_read_without_unpickling_code(tmp_path, cache_dir):
     with pytest.raises(UserError, match="holds Python objects other than tensors"):
         checkpoint.load_weights(ckpt, model)
     assert not (tmp_path / "ran").exists()
+
+
+def test_base_fingerprint_follows_the_weights_not_the_files(cache_dir, tmp_path):
+    """The same weights re-sharded or stored in bf16 keep the fingerprint; another seed changes it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from launcher import builtin, verify
+
+    original = builtin.materialize("builtin:tiny-llama", cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(original)
+    model.save_pretrained(tmp_path / "resharded", max_shard_size="300KB")
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert len(list((tmp_path / "resharded").glob("*.safetensors"))) > 1
+    other = _base_with_another_seed(cache_dir, tmp_path / "other-seed")
+    found = [verify.fingerprint(p) for p in (original, tmp_path / "resharded", tmp_path / "bf16", other)]
+    assert found[0] and found[0] == found[1] == found[2] != found[3]
