@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers import GenerationConfig
 
+from launcher import generation
 from launcher.data.batches import collate, pad_collate
 from launcher.data.tokenize import IGNORE
 
@@ -40,19 +40,24 @@ def _loss_and_accuracy(model, dataset, indices: list, micro: int, pad_id: int, d
 
 
 @torch.no_grad()
-def _exact_match(module, dataset, indices: list, tokenizer, device) -> torch.Tensor:
-    """Greedy-decode the final reply; a hit needs every token, end-of-turn token included."""
+def _exact_match(module, dataset, indices: list, filler: int, tokenizer, device, batch_size: int, synced: bool) -> torch.Tensor:
+    """Greedy-decode the final reply of each row in batches; a hit needs every token, end-of-turn token
+    included. A padding index (-1) decodes usable row `filler` and counts nothing: every rank must
+    join every batch (and row 0 may be a row whose reply was cut, with no prompt to decode)."""
     hits = torch.zeros(2, dtype=torch.float64)
-    stop = module.generation_config.eos_token_id
-    stop = [stop] if isinstance(stop, int) else list(stop or [])
-    for j in indices:
-        row = dataset[max(j, 0)]
-        prompt = torch.tensor([row["input_ids"][: row["reply_start"]]], device=device)
-        reference = row["input_ids"][row["reply_start"] : row["reply_end"]]
-        config = GenerationConfig(max_new_tokens=len(reference), do_sample=False, eos_token_id=stop or None, pad_token_id=tokenizer.pad_token_id)
-        out = module.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=config, use_cache=True)
-        if j >= 0:
-            hits += torch.tensor([float(out[0, prompt.size(1) :].tolist() == reference), 1.0], dtype=torch.float64)
+    if not indices:
+        return hits
+    stop = generation.stop_ids(module)
+    rows = dataset[[j if j >= 0 else filler for j in indices]]
+    items = [(j, ids[:start], ids[start:end]) for j, ids, start, end in zip(indices, rows["input_ids"], rows["reply_start"], rows["reply_end"])]
+    # Longest references first: a batch decodes until its longest reply, so similar lengths go together.
+    items.sort(key=lambda item: -len(item[2]))
+    for chunk in generation.batched(items, batch_size):
+        limit = max(len(ref) for _, _, ref in chunk)
+        replies = generation.generate(module, [p for _, p, _ in chunk], limit, tokenizer.pad_token_id, stop, device, synced)
+        for (j, _, reference), reply in zip(chunk, replies):
+            if j >= 0:
+                hits += torch.tensor([float(reply[: len(reference)] == reference), 1.0], dtype=torch.float64)
     return hits
 
 
@@ -147,7 +152,9 @@ def _evaluate_classes(engine, dist, dataset, micro: int, pad_id: int, classes) -
     return {"eval_loss": loss_sum / max(n, 1e-12), **classification_metrics(total[:-2].reshape(C, C), classes.names)}
 
 
-def evaluate(engine, dist, dataset, micro: int, tokenizer, generate: int, classes=None) -> dict:
+def evaluate(engine, dist, dataset, micro: int, tokenizer, generate: int, classes=None, generate_batch: int = 0) -> dict:
+    """Eval metrics, the same on every rank. `generate`: rows to decode for exact match, in batches
+    of `generate_batch` (0: the micro batch), in lockstep across ranks."""
     model = engine.model
     model.eval()
     if classes is not None:
@@ -160,7 +167,9 @@ def evaluate(engine, dist, dataset, micro: int, tokenizer, generate: int, classe
     if generate > 0:
         usable = [i for i, end in enumerate(dataset["reply_end"]) if end > 0][:generate]
         shard = [usable[i] if i >= 0 else -1 for i in _shard(len(usable), dist.rank, dist.world_size)]
-        hits, total = dist.all_reduce_sum(_exact_match(engine.unwrapped(), dataset, shard, tokenizer, dist.device)).tolist()
+        filler = usable[0] if usable else 0
+        em = _exact_match(engine.unwrapped(), dataset, shard, filler, tokenizer, dist.device, generate_batch or micro, generation.lockstep(dist))
+        hits, total = dist.all_reduce_sum(em).tolist()
         result["eval_exact_match"] = hits / max(total, 1.0)
     model.train()
     return result
