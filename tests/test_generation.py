@@ -3,32 +3,20 @@
 import pytest
 import torch
 
-from launcher import builtin, generation
+from launcher import generation
 from launcher.data.tokenize import tokenize_conversation
 from launcher.dist import Dist
+from helpers.models import chat_prompt, scrambled
 
 PROMPTS = ["repeat: a b c d", "hi", "repeat: q w e r t y u i o p a s d f", "x y", "tell me a long story about the sea"]
 
 
 def _load(name, cache_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = builtin.materialize(f"builtin:{name}", cache_dir)
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    # The built-ins' small initialisation decodes one token forever; larger random matrices give
-    # every prompt its own decode (so a batch mix-up shows).
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model, tok
+    return scrambled(name, cache_dir)
 
 
 def _prompt_ids(tok, text):
-    rendered = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-    return tok(rendered, add_special_tokens=False)["input_ids"]
+    return chat_prompt(tok, [{"role": "user", "content": text}])
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
