@@ -8,7 +8,9 @@ engines need that. Sums are all-reduced, so the numbers do not depend on world s
 
 from __future__ import annotations
 
+import inspect
 import math
+import time
 
 import torch
 
@@ -77,31 +79,57 @@ def _sequence_predictions(model, dataset, indices: list, micro: int, pad_id: int
     return pairs, sums
 
 
+def _cache_keyword() -> str:
+    """transformers 5.x renamed forward's `past_key_values` to `cache` (the old name warns, then goes)."""
+    from transformers import LlamaForCausalLM
+
+    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+_CACHE_KW = _cache_keyword()
+
+
 @torch.no_grad()
+def _label_scores(model, prompts: list, completions: list, pad_id: int, device) -> torch.Tensor:
+    """Sum of log-probabilities of every label's tokens after each prompt, [prompts, labels]. The labels
+    share their prompt: one forward over the (left-padded) prompts, then one over all labels' tokens
+    on the prompts' KV cache, so L labels cost two forwards per batch instead of L."""
+    L = len(completions)
+    ids, mask = generation.left_pad(prompts, pad_id, device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as if each prompt were alone (right-padded, as training sees it)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    first = torch.log_softmax(out.logits[:, -1].float(), -1)  # every prompt ends at the last column
+    scores = first[:, [c[0] for c in completions]].double()
+    rest = [c[1:] for c in completions]  # the tokens each label's own earlier tokens predict
+    width = max(len(c) - 1 for c in completions)
+    if width == 0:
+        return scores.cpu()
+    cache = getattr(out, "cache", None) or out.past_key_values
+    cache.batch_repeat_interleave(L)  # rows: prompt 0 with labels 0..L-1, prompt 1, ...
+    feed = torch.tensor([list(c[:-1]) + [pad_id] * (width - len(c) + 1) for c in completions], device=device).repeat(len(prompts), 1)
+    feed_mask = torch.tensor([[1] * (len(c) - 1) + [0] * (width - len(c) + 1) for c in completions], device=device).repeat(len(prompts), 1)
+    full_mask = torch.cat([mask.repeat_interleave(L, 0), feed_mask], 1)
+    feed_pos = positions[:, -1:].repeat_interleave(L, 0) + 1 + torch.arange(width, device=device)
+    logits = model(input_ids=feed, attention_mask=full_mask, position_ids=feed_pos, use_cache=True, **{_CACHE_KW: cache}).logits
+    logp = torch.log_softmax(logits.float(), -1)
+    target = torch.tensor([list(r) + [0] * (width - len(r)) for r in rest], device=device).repeat(len(prompts), 1)
+    per_token = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1) * feed_mask
+    return (scores + per_token.sum(-1).double().view(len(prompts), L)).cpu()
+
+
 def _lm_predictions(model, dataset, indices: list, micro: int, pad_id: int, device, classes) -> tuple:
     """Score every label's tokens after each row's prompt (sum of log-probabilities); the best is the
     prediction. Returns (predicted, true) pairs and [-log p(true label) summed, true label tokens]."""
-    L = len(classes.names)
-    candidates = [(j, c) for j in indices for c in range(L)]  # equal length on every rank (indices are padded)
-    scores = torch.zeros(len(candidates), dtype=torch.float64)
-    for i in range(0, len(candidates), micro):
-        chunk = candidates[i : i + micro]
-        rows = dataset[[max(j, 0) for j, _ in chunk]]
-        ids = [row[: start] + classes.completions[c] for row, start, (_, c) in zip(rows["input_ids"], rows["reply_start"], chunk)]
-        labels = [[IGNORE] * start + classes.completions[c] for start, (_, c) in zip(rows["reply_start"], chunk)]
-        batch = {k: v.to(device) for k, v in pad_collate(ids, labels, pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-        target = batch["labels"][:, 1:]
-        logp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        scores[i : i + len(chunk)] = (logp * (target != IGNORE)).sum(-1).double().cpu()
     pairs, sums = [], torch.zeros(2, dtype=torch.float64)
-    true = dataset[[max(j, 0) for j in indices]]["class_id"] if indices else []
-    for k, j in enumerate(indices):
-        if j < 0:
-            continue
-        row_scores = scores[k * L : (k + 1) * L]
-        pairs.append((int(row_scores.argmax()), true[k]))
-        sums += torch.tensor([-float(row_scores[true[k]]), len(classes.completions[true[k]])], dtype=torch.float64)
+    for i in range(0, len(indices), micro):  # equal batches on every rank (indices are padded)
+        chunk = indices[i : i + micro]
+        rows = dataset[[max(j, 0) for j in chunk]]
+        prompts = [ids[:start] for ids, start in zip(rows["input_ids"], rows["reply_start"])]
+        scores = _label_scores(model, prompts, classes.completions, pad_id, device)
+        for j, true, row_scores in zip(chunk, rows["class_id"], scores):
+            if j >= 0:
+                pairs.append((int(row_scores.argmax()), true))
+                sums += torch.tensor([-float(row_scores[true]), len(classes.completions[true])], dtype=torch.float64)
     return pairs, sums
 
 
@@ -168,8 +196,10 @@ def evaluate(engine, dist, dataset, micro: int, tokenizer, generate: int, classe
         usable = [i for i, end in enumerate(dataset["reply_end"]) if end > 0][:generate]
         shard = [usable[i] if i >= 0 else -1 for i in _shard(len(usable), dist.rank, dist.world_size)]
         filler = usable[0] if usable else 0
+        tick = time.perf_counter()
         em = _exact_match(engine.unwrapped(), dataset, shard, filler, tokenizer, dist.device, generate_batch or micro, generation.lockstep(dist))
         hits, total = dist.all_reduce_sum(em).tolist()
         result["eval_exact_match"] = hits / max(total, 1.0)
+        result["eval_generate_s"] = round(time.perf_counter() - tick, 3)  # the slowest rank's time: they end together
     model.train()
     return result

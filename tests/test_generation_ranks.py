@@ -1,17 +1,19 @@
 """Exact match by generation on 2 real ranks under ddp, fsdp and ZeRO-3: no hang, the same numbers.
 
-The model is the built-in tiny Llama with larger random weights (every prompt decodes its own
-tokens) and one extra stop token that some prompts reach at once while others never do, so the
-ranks' rows stop after very different numbers of tokens: the case that deadlocked ZeRO-3.
+The model (see _stopping_model) ends some replies with its end-of-turn token after a few tokens
+and never ends others, so the ranks' rows stop after very different numbers of tokens: the case
+that deadlocked ZeRO-3.
 """
 
 import json
 import subprocess
 
 import pytest
+import torch
 
 from conftest import run_sft
 from helpers.models import chat_prompt, scrambled
+from launcher.data.tokenize import tokenize_conversation
 
 QUICKSTART = "recipes/quickstart.yaml"
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -21,26 +23,55 @@ def _conv(user, reply):
     return json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]})
 
 
-@pytest.fixture(scope="module")
-def model_and_data(tmp_path_factory, cache_dir):
+def _stopping_model(cache_dir):
+    """The scrambled tiny Llama with the embedding rows of <|im_end|> and one other token swapped (a
+    relabelling: the tied weights move together), chosen so that some prompts now end their reply
+    with <|im_end|> after a few tokens and others never do. Returns (model, tok, users, hits, runs):
+    `hits` are (user, reply text) pairs the model answers exactly, `runs` users it never stops for."""
+    from collections import Counter
+
     from launcher import generation
 
-    root = tmp_path_factory.mktemp("lockstep")
     model, tok = scrambled("tiny-llama", cache_dir)
-    users = [f"repeat: {' '.join(LETTERS[k:k + 3])}" for k in range(7)]
-    replies = ["k", "a b c d", " ".join(LETTERS) * 2, "z", "q w e r", " ".join(LETTERS), "m"]  # 2 to ~50 tokens
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    users = [f"repeat: {' '.join(LETTERS[k:k + 3])}" for k in range(12)]
     prompts = [chat_prompt(tok, [{"role": "user", "content": u}]) for u in users]
-    free = generation.generate(model, prompts, 24, tok.pad_token_id, [], "cpu", False)
-    stop = free[0][0]  # prompt 0 stops after its first token; rows without this token run to their limit
-    lengths = [len(generation._cut(row, [stop])) for row in free]
-    assert lengths[0] == 1 and max(lengths) == 24, lengths
-    model.generation_config.eos_token_id = [*generation.stop_ids(model), stop]
+    early = Counter(t for row in generation.generate(model, prompts, 4, tok.pad_token_id, [], "cpu", False) for t in row[:3])
+    emb = model.get_input_embeddings().weight
+    for other, _ in early.most_common(8):
+        with torch.no_grad():
+            emb[[other, end]] = emb[[end, other]]
+        hits, runs = [], []
+        for u, p, out in zip(users, prompts, generation.generate(model, prompts, 16, tok.pad_token_id, [end], "cpu", False)):
+            if out[-1] != end:
+                runs.append(u)
+            elif len(out) >= 2:  # a reply needs content; check it tokenizes back to what was generated
+                enc = tokenize_conversation(tok, [{"role": "user", "content": u}, {"role": "assistant", "content": tok.decode(out[:-1])}])
+                if enc["input_ids"][: enc["reply_start"]] == p and enc["input_ids"][enc["reply_start"] : enc["reply_end"]] == out:
+                    hits.append((u, tok.decode(out[:-1])))
+        if len(hits) >= 2 and len(runs) >= 5:
+            return model, tok, hits, runs
+        with torch.no_grad():
+            emb[[other, end]] = emb[[end, other]]  # undo; try the next token
+    raise AssertionError("no token swap gives both early stops and endless replies")
+
+
+@pytest.fixture(scope="module")
+def model_and_data(tmp_path_factory, cache_dir):
+    root = tmp_path_factory.mktemp("lockstep")
+    model, tok, hits, runs = _stopping_model(cache_dir)
     model.save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
-    # Row 1 of the eval file is cut at max_seq_len (reply_end == 0); 7 usable rows leave rank 1 a padding row.
-    lines = [_conv("repeat: everything", " ".join(LETTERS) * 4)] + [_conv(u, r) for u, r in zip(users, replies)]
+    # Replies the model stops on after a few tokens (hits), and ones it never ends (runs to the
+    # limit, 2 to ~50 tokens). Row 1 is cut at max_seq_len (reply_end == 0), and an odd number of
+    # usable rows leaves rank 1 a padding row.
+    replies = ["k", " ".join(LETTERS) * 2, "a b c d", " ".join(LETTERS), "z"]
+    rows = hits + list(zip(runs, replies))
+    if len(rows) % 2 == 0:
+        rows = rows[:-1]
+    lines = [_conv("repeat: everything", " ".join(LETTERS) * 4)] + [_conv(u, r) for u, r in rows]
     (root / "eval.jsonl").write_text("\n".join(lines) + "\n")
-    return root
+    return root, len(hits) / len(rows)
 
 
 def _eval(root, backend, cache_dir, *extra):
@@ -60,8 +91,10 @@ def _eval(root, backend, cache_dir, *extra):
 
 @pytest.mark.slow
 def test_sharded_engines_generate_in_lockstep_and_agree_with_ddp(model_and_data, cache_dir):
-    ddp = _eval(model_and_data, "strategy.backend=ddp", cache_dir)
+    root, expected = model_and_data
+    ddp = _eval(root, "strategy.backend=ddp", cache_dir)
+    assert ddp["eval_exact_match"] == pytest.approx(expected) and expected > 0
     for backend in ("strategy.backend=fsdp", "strategy.backend=deepspeed strategy.zero_stage=3"):
-        other = _eval(model_and_data, backend, cache_dir)
+        other = _eval(root, backend, cache_dir)
         assert other["eval_exact_match"] == ddp["eval_exact_match"], backend
         assert abs(other["eval_loss"] - ddp["eval_loss"]) < 1e-4, backend
