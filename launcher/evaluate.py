@@ -4,6 +4,8 @@ for classification, loss, accuracy, macro-F1, per-class precision/recall/F1 and 
 Every rank evaluates an equal-length shard (short shards are padded with a row whose
 labels are all ignored), so all ranks run the same number of forward passes: sharded
 engines need that. Sums are all-reduced, so the numbers do not depend on world size.
+Exact match decodes in batches, in lockstep across ranks (launcher/generation.py); an lm-head
+classifier scores all labels on one shared forward over each prompt.
 """
 
 from __future__ import annotations

@@ -124,10 +124,11 @@ def generate_file(source: Path, prompts: Path, out: Path, batch_size: int = 8, m
     ids = [prompt_ids(tokenizer, r) for r in rows]
     # Similar lengths together (less padding); written back in the file's order.
     order = sorted(range(len(rows)), key=lambda i: -len(ids[i]))
+    torch.manual_seed(seed)  # once: with --temperature > 0 the whole file is one reproducible draw
     replies = [None] * len(rows)
     for chunk in generation.batched(order, batch_size):
         outs = generation.generate(model, [ids[i] for i in chunk], max_new_tokens, tokenizer.pad_token_id, stop, device, False,
-                                   temperature=temperature, top_p=top_p, seed=seed)
+                                   temperature=temperature, top_p=top_p)
         for i, tokens in zip(chunk, outs):
             replies[i] = reply_text(tokenizer, tokens)
     out.parent.mkdir(parents=True, exist_ok=True)
