@@ -57,6 +57,7 @@ def test_padding_rows_decode_a_usable_row(cache_dir):
     assert result["eval_exact_match"] == 0.0  # an untrained model; the point is that it ran
 
 
+@torch.no_grad()
 def _old_label_scores(model, prompts, completions, pad_id):
     """The scoring this replaced: one full forward per (prompt, label), right-padded."""
     from launcher.data.batches import pad_collate
@@ -94,3 +95,12 @@ def test_labels_scored_over_a_shared_prompt_match_one_forward_per_label(cache_di
     true = [r["class_id"] for r in rows]
     assert sums[0] == pytest.approx(-sum(float(old[k, c]) for k, c in enumerate(true)), rel=1e-5)
     assert sums[1] == sum(len(completions[c]) for c in true)
+
+
+def test_negative_generate_batch_is_a_recipe_error():
+    from conftest import REPO
+    from launcher.errors import RecipeError
+    from launcher.recipe import load_recipe
+
+    with pytest.raises(RecipeError, match="eval_generate_batch_size"):
+        load_recipe(REPO / "recipes" / "quickstart.yaml", ["train.eval_generate_batch_size=-1"])
