@@ -1,4 +1,4 @@
-"""The `sft` command: plan, run, submit (Slurm) and export."""
+"""The `sft` command: plan, run, submit (Slurm), export, generate and chat."""
 
 from __future__ import annotations
 
@@ -13,7 +13,11 @@ sft run  RECIPE [key=value ...]       train on this machine (--nproc N ranks; mu
 sft submit RECIPE [key=value ...] [--dry-run]
                                       queue it on Slurm (slurm.nodes x launch.nproc_per_node ranks)
 sft export RUN_DIR_OR_CHECKPOINT --out DIR [--adapter-only] [export.key=value ...]
-                                      write a deployable Hugging Face model, verified"""
+                                      write a deployable Hugging Face model, verified
+sft generate MODEL_OR_RUN --prompts FILE --out FILE [--batch-size N --max-new-tokens N --temperature T --top-p P]
+                                      batched replies with the model's chat template (greedy by default)
+sft chat MODEL_OR_RUN [--system TEXT --max-new-tokens N --temperature T --top-p P]
+                                      talk to the model in the terminal"""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,7 +43,29 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help="overrides of the run's recipe, e.g. export.dtype=bfloat16 or model.path=BASE_DIR")
     e.add_argument("--out", required=True, help="the directory to write (must not exist or be empty)")
     e.add_argument("--adapter-only", action="store_true", help="write the LoRA adapter (PEFT format) instead of a merged model")
+    for name in ("generate", "chat"):
+        g = sub.add_parser(name)
+        g.add_argument("model", help="an exported model directory, or a run's output_dir (its final/)")
+        if name == "generate":
+            g.add_argument("--prompts", required=True, help='JSONL: {"messages": [...]} or {"prompt": "..."} per line')
+            g.add_argument("--out", required=True, help="JSONL to write: each input row with its \"reply\"")
+            g.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
+            g.add_argument("--seed", type=int, default=0, help="the sampling seed (with --temperature > 0)")
+        else:
+            g.add_argument("--system", help="a system message that starts the conversation")
+        g.add_argument("--max-new-tokens", type=int, default=256, help="the longest reply, in tokens (default 256)")
+        g.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample")
+        g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling with --temperature > 0 (default 1.0: off)")
     return p
+
+
+def _generate(args) -> int:
+    from launcher.generate import generate_file
+
+    report = generate_file(Path(args.model), Path(args.prompts), Path(args.out), args.batch_size, args.max_new_tokens,
+                           args.temperature, args.top_p, args.seed)
+    print(f"wrote {report['rows']} replies from {report['model']} ({report['device']}) to {args.out}", flush=True)
+    return 0
 
 
 def _export(args, overrides) -> int:
@@ -89,7 +115,7 @@ def main(argv=None) -> int:
     stray = [a for a in rest if a.startswith("-") or "=" not in a]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    overrides = list(args.overrides) + rest
+    overrides = list(getattr(args, "overrides", [])) + rest
     for flag, key in (("nproc", "nproc_per_node"), ("nnodes", "nnodes"), ("node_rank", "node_rank"), ("rdzv_endpoint", "rdzv_endpoint")):
         if getattr(args, flag, None) is not None:
             overrides.append(f"launch.{key}={getattr(args, flag)}")
@@ -100,6 +126,14 @@ def main(argv=None) -> int:
 
     _quiet_libraries()
     try:
+        if args.command in ("generate", "chat"):
+            if overrides:
+                parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+            if args.command == "generate":
+                return _generate(args)
+            from launcher.chat import chat
+
+            return chat(Path(args.model), args.max_new_tokens, args.temperature, args.top_p, args.system)
         if args.command == "export":
             return _export(args, overrides)
         if args.command == "submit":

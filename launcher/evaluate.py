@@ -4,15 +4,19 @@ for classification, loss, accuracy, macro-F1, per-class precision/recall/F1 and 
 Every rank evaluates an equal-length shard (short shards are padded with a row whose
 labels are all ignored), so all ranks run the same number of forward passes: sharded
 engines need that. Sums are all-reduced, so the numbers do not depend on world size.
+Exact match decodes in batches, in lockstep across ranks (launcher/generation.py); an lm-head
+classifier scores all labels on one shared forward over each prompt.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+import time
 
 import torch
-from transformers import GenerationConfig
 
+from launcher import generation
 from launcher.data.batches import collate, pad_collate
 from launcher.data.tokenize import IGNORE
 
@@ -40,19 +44,24 @@ def _loss_and_accuracy(model, dataset, indices: list, micro: int, pad_id: int, d
 
 
 @torch.no_grad()
-def _exact_match(module, dataset, indices: list, tokenizer, device) -> torch.Tensor:
-    """Greedy-decode the final reply; a hit needs every token, end-of-turn token included."""
+def _exact_match(module, dataset, indices: list, filler: int, tokenizer, device, batch_size: int, synced: bool) -> torch.Tensor:
+    """Greedy-decode the final reply of each row in batches; a hit needs every token, end-of-turn token
+    included. A padding index (-1) decodes usable row `filler` and counts nothing: every rank must
+    join every batch (and row 0 may be a row whose reply was cut, with no prompt to decode)."""
     hits = torch.zeros(2, dtype=torch.float64)
-    stop = module.generation_config.eos_token_id
-    stop = [stop] if isinstance(stop, int) else list(stop or [])
-    for j in indices:
-        row = dataset[max(j, 0)]
-        prompt = torch.tensor([row["input_ids"][: row["reply_start"]]], device=device)
-        reference = row["input_ids"][row["reply_start"] : row["reply_end"]]
-        config = GenerationConfig(max_new_tokens=len(reference), do_sample=False, eos_token_id=stop or None, pad_token_id=tokenizer.pad_token_id)
-        out = module.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=config, use_cache=True)
-        if j >= 0:
-            hits += torch.tensor([float(out[0, prompt.size(1) :].tolist() == reference), 1.0], dtype=torch.float64)
+    if not indices:
+        return hits
+    stop = generation.stop_ids(module)
+    rows = dataset[[j if j >= 0 else filler for j in indices]]
+    items = [(j, ids[:start], ids[start:end]) for j, ids, start, end in zip(indices, rows["input_ids"], rows["reply_start"], rows["reply_end"])]
+    # Longest references first: a batch decodes until its longest reply, so similar lengths go together.
+    items.sort(key=lambda item: -len(item[2]))
+    for chunk in generation.batched(items, batch_size):
+        limit = max(len(ref) for _, _, ref in chunk)
+        replies = generation.generate(module, [p for _, p, _ in chunk], limit, tokenizer.pad_token_id, stop, device, synced)
+        for (j, _, reference), reply in zip(chunk, replies):
+            if j >= 0:
+                hits += torch.tensor([float(reply[: len(reference)] == reference), 1.0], dtype=torch.float64)
     return hits
 
 
@@ -72,31 +81,57 @@ def _sequence_predictions(model, dataset, indices: list, micro: int, pad_id: int
     return pairs, sums
 
 
+def _cache_keyword() -> str:
+    """transformers 5.x renamed forward's `past_key_values` to `cache` (the old name warns, then goes)."""
+    from transformers import LlamaForCausalLM
+
+    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+_CACHE_KW = _cache_keyword()
+
+
 @torch.no_grad()
+def _label_scores(model, prompts: list, completions: list, pad_id: int, device) -> torch.Tensor:
+    """Sum of log-probabilities of every label's tokens after each prompt, [prompts, labels]. The labels
+    share their prompt: one forward over the (left-padded) prompts, then one over all labels' tokens
+    on the prompts' KV cache, so L labels cost two forwards per batch instead of L."""
+    L = len(completions)
+    ids, mask = generation.left_pad(prompts, pad_id, device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as if each prompt were alone (right-padded, as training sees it)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    first = torch.log_softmax(out.logits[:, -1].float(), -1)  # every prompt ends at the last column
+    scores = first[:, [c[0] for c in completions]].double()
+    rest = [c[1:] for c in completions]  # the tokens each label's own earlier tokens predict
+    width = max(len(c) - 1 for c in completions)
+    if width == 0:
+        return scores.cpu()
+    cache = getattr(out, "cache", None) or out.past_key_values
+    cache.batch_repeat_interleave(L)  # rows: prompt 0 with labels 0..L-1, prompt 1, ...
+    feed = torch.tensor([list(c[:-1]) + [pad_id] * (width - len(c) + 1) for c in completions], device=device).repeat(len(prompts), 1)
+    feed_mask = torch.tensor([[1] * (len(c) - 1) + [0] * (width - len(c) + 1) for c in completions], device=device).repeat(len(prompts), 1)
+    full_mask = torch.cat([mask.repeat_interleave(L, 0), feed_mask], 1)
+    feed_pos = positions[:, -1:].repeat_interleave(L, 0) + 1 + torch.arange(width, device=device)
+    logits = model(input_ids=feed, attention_mask=full_mask, position_ids=feed_pos, use_cache=True, **{_CACHE_KW: cache}).logits
+    logp = torch.log_softmax(logits.float(), -1)
+    target = torch.tensor([list(r) + [0] * (width - len(r)) for r in rest], device=device).repeat(len(prompts), 1)
+    per_token = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1) * feed_mask
+    return (scores + per_token.sum(-1).double().view(len(prompts), L)).cpu()
+
+
 def _lm_predictions(model, dataset, indices: list, micro: int, pad_id: int, device, classes) -> tuple:
     """Score every label's tokens after each row's prompt (sum of log-probabilities); the best is the
     prediction. Returns (predicted, true) pairs and [-log p(true label) summed, true label tokens]."""
-    L = len(classes.names)
-    candidates = [(j, c) for j in indices for c in range(L)]  # equal length on every rank (indices are padded)
-    scores = torch.zeros(len(candidates), dtype=torch.float64)
-    for i in range(0, len(candidates), micro):
-        chunk = candidates[i : i + micro]
-        rows = dataset[[max(j, 0) for j, _ in chunk]]
-        ids = [row[: start] + classes.completions[c] for row, start, (_, c) in zip(rows["input_ids"], rows["reply_start"], chunk)]
-        labels = [[IGNORE] * start + classes.completions[c] for start, (_, c) in zip(rows["reply_start"], chunk)]
-        batch = {k: v.to(device) for k, v in pad_collate(ids, labels, pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-        target = batch["labels"][:, 1:]
-        logp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        scores[i : i + len(chunk)] = (logp * (target != IGNORE)).sum(-1).double().cpu()
     pairs, sums = [], torch.zeros(2, dtype=torch.float64)
-    true = dataset[[max(j, 0) for j in indices]]["class_id"] if indices else []
-    for k, j in enumerate(indices):
-        if j < 0:
-            continue
-        row_scores = scores[k * L : (k + 1) * L]
-        pairs.append((int(row_scores.argmax()), true[k]))
-        sums += torch.tensor([-float(row_scores[true[k]]), len(classes.completions[true[k]])], dtype=torch.float64)
+    for i in range(0, len(indices), micro):  # equal batches on every rank (indices are padded)
+        chunk = indices[i : i + micro]
+        rows = dataset[[max(j, 0) for j in chunk]]
+        prompts = [ids[:start] for ids, start in zip(rows["input_ids"], rows["reply_start"])]
+        scores = _label_scores(model, prompts, classes.completions, pad_id, device)
+        for j, true, row_scores in zip(chunk, rows["class_id"], scores):
+            if j >= 0:
+                pairs.append((int(row_scores.argmax()), true))
+                sums += torch.tensor([-float(row_scores[true]), len(classes.completions[true])], dtype=torch.float64)
     return pairs, sums
 
 
@@ -147,7 +182,9 @@ def _evaluate_classes(engine, dist, dataset, micro: int, pad_id: int, classes) -
     return {"eval_loss": loss_sum / max(n, 1e-12), **classification_metrics(total[:-2].reshape(C, C), classes.names)}
 
 
-def evaluate(engine, dist, dataset, micro: int, tokenizer, generate: int, classes=None) -> dict:
+def evaluate(engine, dist, dataset, micro: int, tokenizer, generate: int, classes=None, generate_batch: int = 0) -> dict:
+    """Eval metrics, the same on every rank. `generate`: rows to decode for exact match, in batches
+    of `generate_batch` (0: the micro batch), in lockstep across ranks."""
     model = engine.model
     model.eval()
     if classes is not None:
@@ -160,7 +197,11 @@ def evaluate(engine, dist, dataset, micro: int, tokenizer, generate: int, classe
     if generate > 0:
         usable = [i for i, end in enumerate(dataset["reply_end"]) if end > 0][:generate]
         shard = [usable[i] if i >= 0 else -1 for i in _shard(len(usable), dist.rank, dist.world_size)]
-        hits, total = dist.all_reduce_sum(_exact_match(engine.unwrapped(), dataset, shard, tokenizer, dist.device)).tolist()
+        filler = usable[0] if usable else 0
+        tick = time.perf_counter()
+        em = _exact_match(engine.unwrapped(), dataset, shard, filler, tokenizer, dist.device, generate_batch or micro, generation.lockstep(dist))
+        hits, total = dist.all_reduce_sum(em).tolist()
         result["eval_exact_match"] = hits / max(total, 1.0)
+        result["eval_generate_s"] = round(time.perf_counter() - tick, 3)  # the slowest rank's time: they end together
     model.train()
     return result

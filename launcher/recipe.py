@@ -102,6 +102,9 @@ class TrainConfig:
     eval_every: int = 0
     # greedy-decode this many eval conversations and report exact match of the final reply
     eval_generate: int = 0
+    # prompts decoded together (left-padded, KV cache, in lockstep across ranks); 0: micro_batch_size;
+    # 1 decodes one prompt at a time
+    eval_generate_batch_size: int = 0
     # also evaluate before the first step, to see where training started from
     eval_at_start: bool = False
 

@@ -40,6 +40,8 @@ def validate(recipe: Recipe) -> None:
     if la.nnodes < 1 or not 0 <= la.node_rank < la.nnodes:
         raise RecipeError(f"`launch.node_rank` must be in [0, launch.nnodes) and nnodes >= 1; got node_rank={la.node_rank}, nnodes={la.nnodes}.")
     t = recipe.train
+    if t.eval_generate < 0 or t.eval_generate_batch_size < 0:
+        raise RecipeError(f"`train.eval_generate` and `train.eval_generate_batch_size` must be >= 0 (0: off / the micro batch), got {t.eval_generate} and {t.eval_generate_batch_size}.")
     from transformers import SchedulerType  # the names transformers.get_scheduler accepts
 
     schedulers = [s.value for s in SchedulerType]

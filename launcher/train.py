@@ -149,7 +149,7 @@ def train(recipe, engine, dist, prepared, schedule: Schedule, tokenizer, run_dir
     def run_eval(step: int) -> dict:
         if prepared.eval is None:
             return {}
-        result = evaluate(engine, dist, prepared.eval, t.micro_batch_size, tokenizer, t.eval_generate, classes)
+        result = evaluate(engine, dist, prepared.eval, t.micro_batch_size, tokenizer, t.eval_generate, classes, t.eval_generate_batch_size)
         metrics.write({"step": step, **result})
         console.eval(step, result)
         return result

@@ -3,8 +3,8 @@
 Each block class (the model's `_no_split_modules`, or `strategy.fsdp_wrap`) becomes one
 all-gather / reduce-scatter unit; the root unit takes what is left (embeddings, final norm,
 a tied lm_head), so tied weights stay one parameter in one unit. `fully_shard` changes the
-module in place: the HF model is also what the loop calls forward on, and `generate` works
-because transformers sees `_is_fsdp_managed_module` and keeps ranks in step (synced_gpus).
+module in place: the HF model is also what the loop calls forward on, and `generate` runs with
+ranks in step because launcher/generation.py passes synced_gpus itself.
 """
 
 from __future__ import annotations
