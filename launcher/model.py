@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import torch
 
-from launcher import builtin
+from launcher import builtin, hub
 from launcher.errors import UserError
 from launcher.recipe import ModelConfig
 
@@ -21,11 +21,15 @@ def model_dir(cfg: ModelConfig, cache: Path) -> Path:
             return builtin.materialize(cfg.path, cache)
         except ValueError as e:
             raise UserError(f"model.path: {e}.") from None
+    if hub.is_hub_id(cfg.path):
+        return Path(hub.resolve("model", cfg.path, cfg.revision, "model.path", cfg.trust_remote_code).path)
+    if cfg.revision:
+        raise UserError(f"model.revision: {cfg.revision!r} is set but model.path {cfg.path} is not a Hub id (ORG/NAME); a local directory has no revisions. Remove model.revision.")
     path = Path(cfg.path).expanduser()
     if not path.is_dir():
         raise UserError(
             f"model.path: {cfg.path} is not a directory. Give a local Hugging Face model directory "
-            f"(with config.json), or one of {', '.join(builtin.PREFIX + n for n in builtin.NAMES)}."
+            f"(with config.json), a Hub id (ORG/NAME), or one of {', '.join(builtin.PREFIX + n for n in builtin.NAMES)}."
         )
     if not (path / "config.json").is_file():
         raise UserError(f"model.path: {cfg.path} has no config.json, so it is not a Hugging Face model directory.")

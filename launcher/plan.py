@@ -13,6 +13,7 @@ from typing import List
 
 import torch
 
+from launcher import hub
 from launcher.cache import cache_root
 from launcher.data.classify import sequence_labels
 from launcher.data.formats import FIELDS
@@ -90,6 +91,7 @@ def check_lora(config, recipe: Recipe, labels=None) -> int:
 
 def make_plan(recipe: Recipe) -> Plan:
     cache = cache_root(recipe.data.cache_dir)
+    hub.use_pins(Path(recipe.output_dir))  # a resume or a submitted job reads the commits its run dir recorded
     path = model_dir(recipe.model, cache)
     tokenizer = load_tokenizer(path, recipe.model)
     classify = recipe.task.type == "classification"
@@ -181,6 +183,7 @@ def format_plan(plan: Plan, recipe: Recipe) -> str:
     state = plan.params * bytes_per + trained * bytes_per * 3
     lines = [
         f"model        {recipe.model.path} ({plan.architecture}, {plan.params / 1e6:.2f}M parameters, dtype {plan.dtype})",
+        *[f"             Hub {r.kind} {r.repo} revision {r.revision} = commit {r.commit}, in {r.path}" for r in hub.resolved()],
         *([f"             end-of-turn token {plan.end_of_turn!r} is trained so the model learns to stop"] if sequence_labels(plan.classes) is None else []),
         f"task         {_task(recipe, plan.classes)}",
         f"lora         {_lora(recipe, plan)}",

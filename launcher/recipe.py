@@ -21,8 +21,11 @@ from launcher.errors import RecipeError
 
 @dataclass
 class ModelConfig:
-    # a local Hugging Face model directory, or builtin:tiny-llama / builtin:tiny-qwen2
+    # a local Hugging Face model directory, a Hub id (ORG/NAME, downloaded once into the HF cache before
+    # the workers start; safetensors only), or builtin:tiny-llama / builtin:tiny-qwen2
     path: str = MISSING
+    # Hub ids: a branch, tag or commit (default main); the commit it names is recorded in the run dir (hub.json)
+    revision: Optional[str] = None
     # auto: bfloat16 on GPU, float32 on CPU
     dtype: str = "auto"
     trust_remote_code: bool = False
