@@ -10,6 +10,7 @@ import pytest
 
 from conftest import REPO, run_sft
 from helpers.fake_hub import FakeHub
+from helpers.fake_hub import point_at as _point_at
 from launcher import builtin, hub
 from launcher.errors import UserError
 
@@ -79,14 +80,6 @@ def in_process_hub(fake_hub, tmp_path, monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr(hub, "_resolved", {})
     return constants
-
-
-def _point_at(monkeypatch, url, cache):
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "ENDPOINT", url)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
 
 
 def _env(fake_hub, home):

@@ -122,3 +122,17 @@ class FakeHub:
                 self._send(200, data, {"X-Repo-Commit": commit, "ETag": f'"{_oid(data)}"', "Content-Type": "application/octet-stream"})
 
         return Handler
+
+
+def point_at(monkeypatch, url: str, cache) -> None:
+    """huggingface_hub in this process: talk to `url`, cache in `cache` (it read HF_ENDPOINT and
+    HF_HUB_CACHE at import, so the environment alone would not reach it)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.delenv("SFT_HUB_PINS", raising=False)
+    import launcher.hub
+
+    monkeypatch.setattr(launcher.hub, "_resolved", {})
