@@ -131,14 +131,51 @@ def add_lora(model, lora, adapter_dtype_follows_base: bool = False):
     (dtype errors), so there the adapters follow the base dtype (adapter_dtype_follows_base)."""
     from peft import get_peft_model
 
+    # Named before peft wraps them (a failed get_peft_model leaves base_layer / default behind).
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    fused = fused_expert_parameters(model)
+    config = lora_config(lora, model)
+    targets = set(lora.target_modules)
+    if fused and config.lora_dropout and (targets == {"all-linear"} or targets & MOE_TARGETS):
+        # peft adapts fused expert weights (3-D parameters, transformers 5) with lora.ParamWrapper, which has
+        # no dropout; one LoraConfig cannot give the linear layers dropout and the experts none.
+        _note(f"lora: this model's experts are fused parameters ({', '.join(fused)}); peft adapts them without dropout, "
+              f"so lora.dropout {lora.dropout:g} is trained as 0. Set lora.dropout: 0 to say so, or list lora.target_modules "
+              f"(e.g. [{', '.join(n for n in linear if n not in OUTPUT_HEADS)}]) to adapt only the linear layers with dropout.")
+        config.lora_dropout = 0.0
     try:
-        return get_peft_model(model, lora_config(lora, model), autocast_adapter_dtype=not adapter_dtype_follows_base)
+        return get_peft_model(model, config, autocast_adapter_dtype=not adapter_dtype_follows_base)
     except ValueError as e:
-        linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        experts = f" Its fused expert weights (adapted as parameters) are: {', '.join(fused)}." if fused else ""
         raise UserError(
             f"lora.target_modules / lora.modules_to_save: {str(e).splitlines()[0]} "
-            f"The model's linear layers are named: {', '.join(linear)}. Use some of those, or [all-linear]."
+            f"The model's linear layers are named: {', '.join(linear)}.{experts} Use some of those, or [all-linear]."
         ) from None
+
+
+# Module names peft maps onto fused experts (transformers 4's per-expert linears and the router).
+MOE_TARGETS = {"gate_proj", "up_proj", "down_proj", "w1", "w2", "w3", "gate"}
+OUTPUT_HEADS = ("lm_head", "score", "classifier")
+_noted = set()
+
+
+def _note(text: str) -> None:
+    import sys
+
+    if text not in _noted:
+        _noted.add(text)
+        print(f"note: {text}", file=sys.stderr, flush=True)
+
+
+def fused_expert_parameters(model) -> List[str]:
+    """Names (module.param, deduplicated over layers) of 3-D weights: a mixture of experts stored fused.
+    ZeRO-3 partitions parameters into 1-D tensors: their shape is ds_shape."""
+    names = set()
+    for name, p in model.named_parameters():
+        if len(getattr(p, "ds_shape", p.shape)) == 3:
+            parts = name.split(".")
+            names.add(".".join(parts[-2:]))
+    return sorted(names)
 
 
 def enable_gradient_checkpointing(model, reentrant: bool) -> None:

@@ -36,6 +36,9 @@ def assistant_spans(tokenizer, messages: List[dict], tools=None) -> Tuple[str, L
             continue
         before = render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
         through = render(tokenizer, messages[: i + 1], tools=tools)
+        eos = tokenizer.eos_token or ""
+        if not full.startswith(through) and eos and through.endswith(eos) and full.startswith(through[: -len(eos)]):
+            through = through[: -len(eos)]  # templates like Phi-3's end the whole conversation with EOS, so each prefix does too
         if not (through.startswith(before) and full.startswith(through)):
             raise TemplateError(
                 "the chat template renders a conversation differently from its prefixes (it rewrites earlier turns), "

@@ -42,6 +42,25 @@ FAMILIES = {
         config=dict(architectures=["MistralForCausalLM"], model_type="mistral", max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-5,
                     hidden_act="silu", sliding_window=None, tie_word_embeddings=False, num_key_value_heads=1),
         template=MISTRAL, special=["<s>", "</s>", "[INST]", "[/INST]"], bos="<s>", eos="</s>"),
+    "gemma2": dict(
+        config=dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2", max_position_embeddings=8192, rope_theta=10000.0, rms_norm_eps=1e-6,
+                    hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=16, sliding_window=4096, final_logit_softcapping=30.0,
+                    attn_logit_softcapping=50.0, tie_word_embeddings=True),
+        template="gemma.jinja", special=["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], bos="<bos>", eos="<eos>"),
+    "gemma3": dict(
+        config=dict(architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", max_position_embeddings=32768, rope_theta=1000000.0,
+                    rope_local_base_freq=10000.0, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=16,
+                    sliding_window=512, sliding_window_pattern=6, tie_word_embeddings=True),
+        template="gemma3.jinja", special=["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], bos="<bos>", eos="<eos>"),
+    "phi3": dict(
+        config=dict(architectures=["Phi3ForCausalLM"], model_type="phi3", max_position_embeddings=4096, original_max_position_embeddings=4096,
+                    rope_theta=10000.0, rms_norm_eps=1e-5, hidden_act="silu", sliding_window=2047, tie_word_embeddings=False, num_key_value_heads=4),
+        template="phi3.jinja", special=["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], eos="<|endoftext|>"),
+    "qwen3-moe": dict(
+        config=dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", max_position_embeddings=40960, rope_theta=1000000.0,
+                    rms_norm_eps=1e-6, hidden_act="silu", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
+                    norm_topk_prob=True, mlp_only_layers=[], tie_word_embeddings=False),
+        template="qwen3.jinja", special=_QWEN + ["<think>", "</think>"], eos="<|im_end|>"),
 }
 
 
@@ -60,7 +79,7 @@ def build(family: str, out: Path, weights: bool = False) -> Path:
     template = spec["template"]
     tok.chat_template = (TEMPLATES / template).read_text() if template.endswith(".jinja") else template
     tok.save_pretrained(out)
-    fields = {**_SMALL, **spec["config"], "vocab_size": len(tok), "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id}
+    fields = {**_SMALL, **spec["config"], "vocab_size": len(tok), "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id}
     (out / "config.json").write_text(json.dumps(fields, indent=1))
     if weights:
         config = AutoConfig.from_pretrained(out)
