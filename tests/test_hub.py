@@ -189,3 +189,15 @@ def test_bad_sources_are_one_paragraph_each(in_process_hub, tmp_path, cache_dir,
     with pytest.raises(UserError, match=message) as e:
         make_plan(load_recipe(_mixture_recipe(tmp_path, **change), [f"data.cache_dir={cache_dir}"]))
     assert "\n" not in str(e.value)
+
+
+def test_submit_resolves_on_the_login_node_and_records_the_commit(in_process_hub, fake_hub, tmp_path, cache_dir, monkeypatch, capsys):
+    from launcher.cli import main
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    run_dir = tmp_path / "job"
+    code = main(["submit", "recipes/quickstart.yaml", "model.path=acme/gated-llama", f"data.cache_dir={cache_dir}", f"output_dir={run_dir}",
+                 "slurm.nodes=2", "--dry-run"])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((run_dir / "hub.json").read_text())[0]["commit"] == fake_hub.commit
+    assert all(TOKEN not in p.read_text() for p in run_dir.rglob("*") if p.is_file())  # submit.sbatch included
