@@ -139,12 +139,12 @@ def _download(kind: str, repo: str, revision: str, pinned: Optional[str], patter
     site = f"{constants.ENDPOINT}/{'datasets/' if kind == 'dataset' else ''}{repo}"
     what = "model" if kind == "model" else "dataset"
     try:
-        info = HfApi().repo_info(repo, repo_type=kind, revision=pinned or revision)
-        commit = info.sha
-        files = [s.rfilename for s in info.siblings or []]
         if kind == "model":
-            _check_weights(repo, revision, files, key)
-        path = snapshot_download(repo, repo_type=kind, revision=commit, allow_patterns=patterns)
+            info = HfApi().repo_info(repo, repo_type=kind, revision=pinned or revision)
+            _check_weights(repo, revision, [s.rfilename for s in info.siblings or []], key)
+        # By the name asked, so the cache records refs/<branch> for offline use (HF_HUB_OFFLINE=1).
+        path = snapshot_download(repo, repo_type=kind, revision=pinned or revision, allow_patterns=patterns)
+        commit = Path(path).name  # snapshots/<commit>
     except GatedRepoError:
         raise UserError(
             f"{key}: the {what} {repo} is gated: its files need an access token of an account that accepted its terms. "
@@ -164,6 +164,9 @@ def _download(kind: str, repo: str, revision: str, pinned: Optional[str], patter
             f"{'directory' if kind == 'model' else 'file'}; if the repository is private, export HF_TOKEN with access to it."
         ) from None
     except (httpx2.ConnectError, httpx2.TimeoutException, OfflineModeIsEnabled, LocalEntryNotFoundError) as e:
+        path = _cached(kind, repo, revision, patterns)  # offline (HF_HUB_OFFLINE=1): the cache's refs/<branch>
+        if path:
+            return Resolved(kind, repo, revision, Path(path).name, path)
         raise UserError(
             f"{key}: the {what} {repo} (revision {revision}) is not in the HF cache ({constants.HF_HUB_CACHE}) and the Hub "
             f"at {constants.ENDPOINT} cannot be reached ({type(e).__name__}). Run `sft plan` once on a machine with access "

@@ -24,7 +24,7 @@ def small_data(tmp_path_factory):
 def _overrides(standin, data, cache_dir, out, engine, lora):
     return ["model.path=" + str(standin), f"data.train_files=[{data}]", "data.eval_files=[]", "data.eval_fraction=0.1", "data.max_seq_len=256", f"data.cache_dir={cache_dir}",
             f"output_dir={out}", "train.micro_batch_size=4", "train.max_steps=2", "train.eval_generate=0", "train.eval_at_start=false",
-            "train.eval_every=0", "launch.nproc_per_node=2", "export.verify_prompts=2", f"lora.enabled={str(lora).lower()}", *ENGINES[engine]]
+            "train.eval_every=0", "logging.every_steps=1", "launch.nproc_per_node=2", "export.verify_prompts=2", f"lora.enabled={str(lora).lower()}", *ENGINES[engine]]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REPO, run_sft
 from helpers.fake_hub import FakeHub
-from helpers.fake_hub import point_at as _point_at
+from helpers.fake_hub import point_at
 from launcher import builtin, hub
 from launcher.errors import UserError
 
@@ -75,8 +75,7 @@ def in_process_hub(fake_hub, tmp_path, monkeypatch):
     """huggingface_hub in this process talks to the fake Hub, with an empty HF cache."""
     from huggingface_hub import constants
 
-    _point_at(monkeypatch, fake_hub.url, tmp_path / "hf" / "hub")
-    monkeypatch.delenv(hub.PINS_ENV, raising=False)
+    point_at(monkeypatch, fake_hub.url, tmp_path / "hf" / "hub")
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr(hub, "_resolved", {})
     return constants
@@ -88,7 +87,7 @@ def _env(fake_hub, home):
 
 
 @pytest.mark.slow  # two launchers and two workers, ~50 s on an idle machine
-def test_run_by_hub_id_on_two_nodes_downloads_once_records_the_commit_and_exports(fake_hub, tmp_path, cache_dir, monkeypatch):
+def test_run_by_hub_id_on_two_nodes_downloads_once_records_the_commit_and_exports(fake_hub, tmp_path, cache_dir):
     fake_hub.downloads.clear()
     run_dir, home = tmp_path / "run", tmp_path / "hf-home"  # one HF_HOME for both nodes, as on a shared filesystem
     common = [_mixture_recipe(tmp_path), "model.path=acme/tiny-llama", f"data.cache_dir={cache_dir}", f"output_dir={run_dir}",
@@ -114,17 +113,6 @@ def test_run_by_hub_id_on_two_nodes_downloads_once_records_the_commit_and_export
     leaked = [p for p in run_dir.rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
     assert not leaked, leaked  # HF_TOKEN was in both nodes' environment
 
-    # The job's commit is pinned: with the Hub gone (a compute node offline) the run dir's record is read
-    # from the cache; without the record the same id cannot be resolved.
-    _point_at(monkeypatch, "http://127.0.0.1:9", home / "hub")
-    monkeypatch.delenv(hub.PINS_ENV, raising=False)
-    monkeypatch.setattr(hub, "_resolved", {})
-    hub.use_pins(run_dir)
-    assert hub.resolve("model", "acme/tiny-llama", None, "model.path").commit == fake_hub.commit
-    monkeypatch.delenv(hub.PINS_ENV)
-    monkeypatch.setattr(hub, "_resolved", {})
-    with pytest.raises(UserError, match="is not in the HF cache .* cannot be reached"):
-        hub.resolve("model", "acme/tiny-llama", None, "model.path")
 
 
 def test_bad_hub_models_are_one_paragraph_each(in_process_hub, fake_hub, monkeypatch):
@@ -201,3 +189,16 @@ def test_submit_resolves_on_the_login_node_and_records_the_commit(in_process_hub
     assert code == 0, capsys.readouterr().err
     assert json.loads((run_dir / "hub.json").read_text())[0]["commit"] == fake_hub.commit
     assert all(TOKEN not in p.read_text() for p in run_dir.rglob("*") if p.is_file())  # submit.sbatch included
+
+    # On a compute node without the Hub: the recorded commit is read from the shared cache, with no request.
+    from huggingface_hub import constants
+
+    cache = constants.HF_HUB_CACHE
+    point_at(monkeypatch, "http://127.0.0.1:9", cache)
+    hub.use_pins(run_dir)
+    assert hub.resolve("model", "acme/gated-llama", None, "model.path").commit == fake_hub.commit
+    point_at(monkeypatch, "http://127.0.0.1:9", cache)  # no pins: main is found through the cache's refs/main
+    assert hub.resolve("model", "acme/gated-llama", None, "model.path").commit == fake_hub.commit
+    point_at(monkeypatch, "http://127.0.0.1:9", tmp_path / "empty-cache")
+    with pytest.raises(UserError, match="is not in the HF cache .* cannot be reached"):
+        hub.resolve("model", "acme/gated-llama", None, "model.path")
