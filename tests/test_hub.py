@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, run_sft
+from conftest import REPO
 from helpers.fake_hub import FakeHub
 from helpers.fake_hub import point_at
 from launcher import builtin, hub
@@ -130,12 +130,13 @@ def test_bad_hub_models_are_one_paragraph_each(in_process_hub, fake_hub, monkeyp
     assert hub.resolve("model", "acme/gated-llama", None, "model.path").commit == fake_hub.commit
 
 
-def test_gated_model_without_token_fails_before_workers(fake_hub, tmp_path, cache_dir):
-    env = {k: v for k, v in _env(fake_hub, tmp_path / "hf").items() if k != "HF_TOKEN"}
-    proc = run_sft(["run", "recipes/quickstart.yaml", "model.path=acme/gated-llama", f"data.cache_dir={cache_dir}",
-                    f"output_dir={tmp_path / 'run'}"], env=env)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert "acme/gated-llama is gated" in proc.stderr and not (tmp_path / "run").exists()
+def test_gated_model_without_token_fails_before_workers(in_process_hub, tmp_path, cache_dir, capsys):
+    from launcher.cli import main
+
+    code = main(["run", "recipes/quickstart.yaml", "model.path=acme/gated-llama", f"data.cache_dir={cache_dir}", f"output_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "acme/gated-llama is gated" in err, err
+    assert not (tmp_path / "run").exists()  # nothing started, nothing written
 
 
 def test_weighted_mixture_of_a_hub_dataset_and_a_local_file(in_process_hub, tmp_path, cache_dir):

@@ -55,7 +55,7 @@ def load(cfg: DataConfig, cache: Path, read_file) -> List[tuple]:
     out = []
     for i, sc in enumerate(listed(cfg)):
         where = f"data.sources[{i - len(cfg.train_files)}]" if i >= len(cfg.train_files) else "data.train_files"
-        if hub.is_hub_id(sc.path) and not Path(sc.path).suffix.lower() in (".jsonl", ".json", ".parquet", ".csv"):
+        if hub.is_hub_id(sc.path) and Path(sc.path).suffix.lower() not in (".jsonl", ".json", ".parquet", ".csv"):
             src, raw = _hub_source(sc, cache, f"{where}.path")
         else:
             if sc.subset or sc.revision or sc.split != "train":
@@ -115,6 +115,13 @@ def _take(n_rows: int, n: int, generator: torch.Generator) -> List[int]:
     return list(range(n_rows)) * whole + sorted(torch.randperm(n_rows, generator=generator)[:rest].tolist())
 
 
+def _tokens(ds: Dataset) -> int:
+    """Tokens in `ds`, counted in Arrow (a Python list of every row's ids would not fit a large dataset)."""
+    import pyarrow.compute as pc
+
+    return int(pc.sum(pc.list_value_length(ds.with_format("arrow")["input_ids"])).as_py() or 0) if len(ds) else 0
+
+
 def mix(parts: List[Dataset], sources: List[Source], seed: int) -> tuple:
     """The training mixture of the tokenized sources and each one's Share of it.
 
@@ -134,7 +141,7 @@ def mix(parts: List[Dataset], sources: List[Source], seed: int) -> tuple:
         else:
             pick = part.select(_take(len(part), n, torch.Generator().manual_seed(seed * 1000 + i)), keep_in_memory=True) if n and len(part) else part.select([])
         chosen.append(pick)
-        shares.append(Share(src.label, len(pick), int(sum(len(x) for x in pick["input_ids"])) if len(pick) else 0, 0.0))
+        shares.append(Share(src.label, len(pick), _tokens(pick), 0.0))
     total = sum(s.rows for s in shares) or 1
     for s in shares:
         s.share = s.rows / total
