@@ -130,7 +130,13 @@ def resolve(kind: str, repo: str, revision: Optional[str], key: str, trust_remot
 def _download(kind: str, repo: str, revision: str, pinned: Optional[str], patterns, key: str) -> Resolved:
     import httpx2
     from huggingface_hub import HfApi, constants, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     if pinned:  # another process may have downloaded it while this one waited for the lock
         path = _cached(kind, repo, pinned, patterns)

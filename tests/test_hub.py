@@ -9,8 +9,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from helpers.fake_hub import FakeHub
-from helpers.fake_hub import point_at
+from helpers.fake_hub import FakeHub, point_at
 from launcher import builtin, hub
 from launcher.errors import UserError
 
