@@ -82,7 +82,7 @@ def _export(args, overrides) -> int:
 
 
 def _submit(args, overrides) -> int:
-    from launcher import rundir
+    from launcher import hub, rundir
     from launcher.launch import slurm
     from launcher.plan import format_plan, make_plan
     from launcher.recipe import load_recipe
@@ -96,6 +96,7 @@ def _submit(args, overrides) -> int:
     rendered = slurm.render(recipe, args.recipe, overrides, Path.cwd())
     run_dir = Path(recipe.output_dir)
     rundir.save_recipe(recipe)
+    hub.record(run_dir)  # the job (compute nodes may be offline) reads these commits from the cache
     (run_dir / "plan.txt").write_text(text + "\n")
     script = run_dir / "submit.sbatch"
     script.write_text(rendered)
@@ -151,7 +152,7 @@ def main(argv=None) -> int:
         print(text, flush=True)
         if args.command == "plan":
             return 0
-        from launcher import resume, rundir
+        from launcher import hub, resume, rundir
 
         first_node = recipe.launch.node_rank == 0  # node 0 alone prepares the shared output_dir
         if first_node:
@@ -180,6 +181,7 @@ def main(argv=None) -> int:
         if first_node:
             rundir.archive_logs(Path(recipe.output_dir))
             rundir.save_recipe(recipe)
+            hub.record(Path(recipe.output_dir))
             (Path(recipe.output_dir) / "plan.txt").write_text(text + "\n")
         from launcher.launch.local import launch
 

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import torch
 
-from launcher import builtin
+from launcher import builtin, hub
 from launcher.errors import UserError
 from launcher.recipe import ModelConfig
 
@@ -21,11 +21,15 @@ def model_dir(cfg: ModelConfig, cache: Path) -> Path:
             return builtin.materialize(cfg.path, cache)
         except ValueError as e:
             raise UserError(f"model.path: {e}.") from None
+    if hub.is_hub_id(cfg.path):
+        return Path(hub.resolve("model", cfg.path, cfg.revision, "model.path", cfg.trust_remote_code).path)
+    if cfg.revision:
+        raise UserError(f"model.revision: {cfg.revision!r} is set but model.path {cfg.path} is not a Hub id (ORG/NAME); a local directory has no revisions. Remove model.revision.")
     path = Path(cfg.path).expanduser()
     if not path.is_dir():
         raise UserError(
             f"model.path: {cfg.path} is not a directory. Give a local Hugging Face model directory "
-            f"(with config.json), or one of {', '.join(builtin.PREFIX + n for n in builtin.NAMES)}."
+            f"(with config.json), a Hub id (ORG/NAME), or one of {', '.join(builtin.PREFIX + n for n in builtin.NAMES)}."
         )
     if not (path / "config.json").is_file():
         raise UserError(f"model.path: {cfg.path} has no config.json, so it is not a Hugging Face model directory.")
@@ -127,14 +131,51 @@ def add_lora(model, lora, adapter_dtype_follows_base: bool = False):
     (dtype errors), so there the adapters follow the base dtype (adapter_dtype_follows_base)."""
     from peft import get_peft_model
 
+    # Named before peft wraps them (a failed get_peft_model leaves base_layer / default behind).
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    fused = fused_expert_parameters(model)
+    config = lora_config(lora, model)
+    targets = set(lora.target_modules)
+    if fused and config.lora_dropout and (targets == {"all-linear"} or targets & MOE_TARGETS):
+        # peft adapts fused expert weights (3-D parameters, transformers 5) with lora.ParamWrapper, which has
+        # no dropout; one LoraConfig cannot give the linear layers dropout and the experts none.
+        _note(f"lora: this model's experts are fused parameters ({', '.join(fused)}); peft adapts them without dropout, "
+              f"so lora.dropout {lora.dropout:g} is trained as 0. Set lora.dropout: 0 to say so, or list lora.target_modules "
+              f"(e.g. [{', '.join(n for n in linear if n not in OUTPUT_HEADS)}]) to adapt only the linear layers with dropout.")
+        config.lora_dropout = 0.0
     try:
-        return get_peft_model(model, lora_config(lora, model), autocast_adapter_dtype=not adapter_dtype_follows_base)
+        return get_peft_model(model, config, autocast_adapter_dtype=not adapter_dtype_follows_base)
     except ValueError as e:
-        linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        experts = f" Its fused expert weights (adapted as parameters) are: {', '.join(fused)}." if fused else ""
         raise UserError(
             f"lora.target_modules / lora.modules_to_save: {str(e).splitlines()[0]} "
-            f"The model's linear layers are named: {', '.join(linear)}. Use some of those, or [all-linear]."
+            f"The model's linear layers are named: {', '.join(linear)}.{experts} Use some of those, or [all-linear]."
         ) from None
+
+
+# Module names peft maps onto fused experts (transformers 4's per-expert linears and the router).
+MOE_TARGETS = {"gate_proj", "up_proj", "down_proj", "w1", "w2", "w3", "gate"}
+OUTPUT_HEADS = ("lm_head", "score", "classifier")
+_noted = set()
+
+
+def _note(text: str) -> None:
+    import sys
+
+    if text not in _noted:
+        _noted.add(text)
+        print(f"note: {text}", file=sys.stderr, flush=True)
+
+
+def fused_expert_parameters(model) -> List[str]:
+    """Names (module.param, deduplicated over layers) of 3-D weights: a mixture of experts stored fused.
+    ZeRO-3 partitions parameters into 1-D tensors: their shape is ds_shape."""
+    names = set()
+    for name, p in model.named_parameters():
+        if len(getattr(p, "ds_shape", p.shape)) == 3:
+            parts = name.split(".")
+            names.add(".".join(parts[-2:]))
+    return sorted(names)
 
 
 def enable_gradient_checkpointing(model, reentrant: bool) -> None:

@@ -13,6 +13,7 @@ from typing import List
 
 import torch
 
+from launcher import hub
 from launcher.cache import cache_root
 from launcher.data.classify import sequence_labels
 from launcher.data.formats import FIELDS
@@ -39,6 +40,7 @@ class Plan:
     eval_examples: int
     mean_tokens: float
     files: List[FileStats]
+    mixture: list = None  # data.sources.Share per training source
 
 
 def _model_config(path: Path, recipe: Recipe, labels=None, pad_token_id=None):
@@ -125,16 +127,17 @@ def make_plan(recipe: Recipe, here: bool = True) -> Plan:
     """`here`: the workers start on this machine (sft plan, sft run), so its hardware counts; False
     for `sft submit`, whose job runs on other nodes."""
     cache = cache_root(recipe.data.cache_dir)
+    hub.use_pins(Path(recipe.output_dir))  # a resume or a submitted job reads the commits its run dir recorded
     path = model_dir(recipe.model, cache)
     tokenizer = load_tokenizer(path, recipe.model)
     classify = recipe.task.type == "classification"
     end_of_turn = tokenizer.eos_token or "?"
-    if not classify and recipe.data.format == "messages" and not tokenizer.chat_template:
+    if not classify and recipe.data.format in ("messages", "sharegpt") and not tokenizer.chat_template:
         raise UserError(
             f"data.format: messages needs a chat template, and the tokenizer in {path} has none. Use an instruct/chat "
             "model, add a chat_template to its tokenizer_config.json, or use data.format: completion."
         )
-    if tokenizer.chat_template and (recipe.data.format in ("messages", "alpaca") or classify):
+    if tokenizer.chat_template and (recipe.data.format in ("messages", "sharegpt", "alpaca") or classify):
         try:
             end_of_turn = end_of_turn_check(tokenizer, [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}])
         except TemplateError as e:
@@ -173,6 +176,7 @@ def make_plan(recipe: Recipe, here: bool = True) -> Plan:
         eval_examples=len(prepared.eval) if prepared.eval is not None else 0,
         mean_tokens=sum(len(x) for x in lengths) / len(lengths),
         files=prepared.stats,
+        mixture=prepared.mixture,
     )
 
 
@@ -209,6 +213,10 @@ def _lora(recipe: Recipe, plan: Plan) -> str:
             f"{plan.trainable / 1e6:.2f}M trainable parameters ({100 * plan.trainable / plan.params:.2f}% of the model)")
 
 
+def _weighted(recipe: Recipe) -> bool:
+    return any(s.weight is not None or s.fraction is not None for s in recipe.data.sources)
+
+
 def format_plan(plan: Plan, recipe: Recipe) -> str:
     s, b = plan.schedule, plan.schedule.batches
     from launcher.engines import load_dtype
@@ -221,6 +229,7 @@ def format_plan(plan: Plan, recipe: Recipe) -> str:
     state = (plan.params - trained) * frozen_bytes + trained * 16
     lines = [
         f"model        {recipe.model.path} ({plan.architecture}, {plan.params / 1e6:.2f}M parameters, dtype {plan.dtype})",
+        *[f"             Hub {r.kind} {r.repo} revision {r.revision} = commit {r.commit}, in {r.path}" for r in hub.resolved()],
         *([f"             end-of-turn token {plan.end_of_turn!r} is trained so the model learns to stop"] if sequence_labels(plan.classes) is None else []),
         f"task         {_task(recipe, plan.classes)}",
         f"lora         {_lora(recipe, plan)}",
@@ -237,6 +246,8 @@ def format_plan(plan: Plan, recipe: Recipe) -> str:
             f"             {f.file}: {f.rows} rows, {f.kept} kept, {f.truncated} truncated, "
             f"{f.dropped_too_long} dropped as too long, {f.dropped_no_target} with no target tokens"
         )
+    for m in plan.mixture if plan.mixture and len(plan.mixture) > 1 or _weighted(recipe) else []:
+        lines.append(f"             mixture: {m.label}: {m.rows} rows, {m.tokens:,} tokens, {100 * m.share:.1f}% of the mixture")
     skipped = plan.train_examples - b.steps_per_epoch * b.global_batch
     if skipped:
         lines.append(f"             {skipped} examples per epoch do not fill a global batch and are skipped (a different set each epoch when shuffled)")

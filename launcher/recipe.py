@@ -21,8 +21,11 @@ from launcher.errors import RecipeError
 
 @dataclass
 class ModelConfig:
-    # a local Hugging Face model directory, or builtin:tiny-llama / builtin:tiny-qwen2
+    # a local Hugging Face model directory, a Hub id (ORG/NAME, downloaded once into the HF cache before
+    # the workers start; safetensors only), or builtin:tiny-llama / builtin:tiny-qwen2
     path: str = MISSING
+    # Hub ids: a branch, tag or commit (default main); the commit it names is recorded in the run dir (hub.json)
+    revision: Optional[str] = None
     # auto: bfloat16 on GPU, float32 on CPU
     dtype: str = "auto"
     trust_remote_code: bool = False
@@ -31,12 +34,32 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    # a local data file (.jsonl .json .parquet .csv) or a Hub dataset id (ORG/NAME)
+    path: str = MISSING
+    # Hub datasets: the split, the subset (config name) and a branch, tag or commit (default main)
+    split: str = "train"
+    subset: Optional[str] = None
+    revision: Optional[str] = None
+    # this source's share of the training mixture, relative to the other sources' weights (give every
+    # source one, or none); unset: every row, once
+    weight: Optional[float] = None
+    # or: this fraction of the source's rows (0.5 half of them, 2.0 each row twice)
+    fraction: Optional[float] = None
+    # the row format (default data.format) and {field the format reads: column of this data}, e.g. {messages: conversation}
+    format: Optional[str] = None
+    columns: Dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class DataConfig:
-    train_files: List[str] = MISSING
+    # local training files, each read whole in data.format; data.sources for Hub datasets, weights, formats
+    train_files: List[str] = field(default_factory=list)
+    sources: List[SourceConfig] = field(default_factory=list)
     eval_files: List[str] = field(default_factory=list)
     # held out from the training files when eval_files is empty
     eval_fraction: float = 0.0
-    # messages | alpaca | completion | text
+    # messages | sharegpt | alpaca | completion | text (messages rows may carry tool calls and a `tools` column)
     format: str = "messages"
     max_seq_len: int = 2048
     # what to do with longer sequences: truncate | drop | error

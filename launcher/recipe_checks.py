@@ -9,7 +9,7 @@ from launcher.recipe import Recipe
 
 _CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
-    "data.format": ("messages", "alpaca", "completion", "text"),
+    "data.format": ("messages", "sharegpt", "alpaca", "completion", "text"),
     "data.too_long": ("truncate", "drop", "error"),
     "task.type": ("sft", "classification"),
     "task.head": ("lm", "sequence"),
@@ -53,6 +53,7 @@ def validate(recipe: Recipe) -> None:
         raise RecipeError(f"`train.gradient_accumulation_steps` must be at least 1, got {t.gradient_accumulation_steps}.")
     if t.max_steps <= 0 and t.epochs <= 0:
         raise RecipeError("Training would run no step: set `train.epochs` > 0 or `train.max_steps` > 0.")
+    _check_sources(recipe)
     if not 0.0 <= recipe.data.eval_fraction < 1.0:
         raise RecipeError(f"`data.eval_fraction` must be in [0, 1), got {recipe.data.eval_fraction}.")
     if recipe.data.eval_files and recipe.data.eval_fraction > 0:
@@ -95,6 +96,32 @@ def validate(recipe: Recipe) -> None:
     if ex.verify_prompts < 1 or (ex.verify_tolerance is not None and ex.verify_tolerance < 0):
         raise RecipeError("`export.verify_prompts` must be >= 1 and `export.verify_tolerance` >= 0 (or unset for auto).")
     _check_size("export.max_shard_size", ex.max_shard_size)
+
+
+def _check_sources(recipe: Recipe) -> None:
+    data = recipe.data
+    if not data.train_files and not data.sources:
+        raise RecipeError("No training data: set `data.train_files` (local files) or `data.sources` (files or Hub datasets, with weights).")
+    formats = _CHOICES["data.format"]
+    for i, src in enumerate(data.sources):
+        key = f"data.sources[{i}]"
+        if src.format is not None and src.format not in formats:
+            raise RecipeError(f"`{key}.format: {src.format}` is not one of {', '.join(formats)}.")
+        if src.weight is not None and src.fraction is not None:
+            raise RecipeError(f"`{key}` ({src.path}) sets both weight and fraction; a weight is a share of the mixture, a fraction a share of this source's rows. Keep one.")
+        if src.weight is not None and src.weight < 0:
+            raise RecipeError(f"`{key}.weight` ({src.path}) is {src.weight:g}; weights are shares of the mixture and must be >= 0.")
+        if src.fraction is not None and src.fraction <= 0:
+            raise RecipeError(f"`{key}.fraction` ({src.path}) is {src.fraction:g}; it must be > 0 (remove the source to leave it out).")
+    weighted = [s.weight is not None for s in data.sources]
+    if any(weighted):
+        if not all(weighted) or data.train_files:
+            raise RecipeError(
+                "`data.sources`: weights are shares of one mixture, so give every source a weight (and list data.train_files as "
+                "sources too) or none; without weights every row of every source is used once."
+            )
+        if sum(s.weight for s in data.sources) <= 0:
+            raise RecipeError("`data.sources`: every weight is 0, so the mixture would be empty. Give at least one source a weight > 0.")
 
 
 def _check_classification(recipe: Recipe) -> None:

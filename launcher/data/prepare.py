@@ -19,7 +19,7 @@ import datasets
 import torch
 from datasets import Dataset, concatenate_datasets
 
-from launcher.data import classify
+from launcher.data import classify, sources
 from launcher.data.digest import file_digest
 from launcher.data.formats import to_example
 from launcher.data.tokenize import TemplateError, tokenize_completion, too_long_status, tokenize_conversation
@@ -50,6 +50,8 @@ class Prepared:
     stats: List[FileStats] = field(default_factory=list)
     # task.type classification: the label set (and the lm head's label tokens)
     classes: Optional[classify.Classes] = None
+    # each training source's rows, tokens and share of the mixture (data/sources.py)
+    mixture: list = field(default_factory=list)
 
 
 def read_rows(path: str, cache: Path) -> tuple:
@@ -88,8 +90,10 @@ def tokenizer_signature(tokenizer) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
-def fingerprint(digest: str, cfg: DataConfig, tokenizer, is_eval: bool, classes: Optional[classify.Classes] = None, task=None) -> str:
+def fingerprint(digest: str, cfg: DataConfig, tokenizer, is_eval: bool, classes: Optional[classify.Classes] = None, task=None, extra: Optional[str] = None) -> str:
     key = [digest, cfg.format, cfg.max_seq_len, cfg.too_long, is_eval, tokenizer_signature(tokenizer), TOKENIZATION_VERSION]
+    if extra is not None:  # a source's subset, split and column mapping (data/sources.py)
+        key.append(extra)
     if classes is not None:
         key += [classes.names, classes.head, task.text_field, task.label_field, task.prompt]
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]
@@ -102,7 +106,7 @@ def _tokenize_fn(cfg: DataConfig, tokenizer, file: str, too_long: str):
         example = to_example(cfg.format, row, file, index, has_template)
         if "messages" in example:
             try:
-                enc = tokenize_conversation(tokenizer, example["messages"])
+                enc = tokenize_conversation(tokenizer, example["messages"], example.get("tools"))
             except TemplateError as e:
                 raise DataError(f"{file}, row {index + 1}: {e}.") from None
         else:
@@ -129,29 +133,31 @@ def _classify_fn(cfg: DataConfig, task, tokenizer, classes: classify.Classes, fi
     return fn
 
 
-def tokenize_file(path: str, raw: Dataset, digest: str, cfg: DataConfig, tokenizer, cache: Path, is_eval: bool = False, classes=None, task=None) -> tuple:
-    """`raw`, `digest`: the file's rows and content (read_rows)."""
-    fp = fingerprint(digest, cfg, tokenizer, is_eval, classes, task)
+def tokenize_file(path: str, raw: Dataset, digest: str, cfg: DataConfig, tokenizer, cache: Path, is_eval: bool = False, classes=None, task=None,
+                  source=None) -> tuple:
+    """`raw`, `digest`: the file's rows and content (read_rows). `source`: a data/sources.Source (its label names the rows in messages)."""
+    fp = fingerprint(digest, cfg, tokenizer, is_eval, classes, task, source.key if source else None)
+    label = source.label if source else path
     cache_file = cache / "tokenized" / f"{fp}.arrow"
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     # Eval data is truncated rather than dropped or rejected: it is measured, not trained on.
     too_long = "truncate" if is_eval and cfg.too_long == "drop" else cfg.too_long
     if classes is not None:
-        fn = _classify_fn(cfg, task, tokenizer, classes, path, too_long)
+        fn = _classify_fn(cfg, task, tokenizer, classes, label, too_long)
     else:
-        fn = _tokenize_fn(cfg, tokenizer, path, too_long)
+        fn = _tokenize_fn(cfg, tokenizer, label, too_long)
     ds = raw.map(
         fn,
         with_indices=True,
         remove_columns=raw.column_names,
         cache_file_name=str(cache_file),
         new_fingerprint=fp,
-        desc=f"tokenizing {Path(path).name}",
+        desc=f"tokenizing {Path(label).name}",
     )
     counts = Counter(ds["status"])
     kept = ds.filter(lambda s: s in ("ok", "truncated"), input_columns="status", keep_in_memory=True)
     stats = FileStats(
-        file=path,
+        file=label,
         rows=len(ds),
         kept=len(kept),
         truncated=counts.get("truncated", 0),
@@ -165,16 +171,16 @@ def tokenize_file(path: str, raw: Dataset, digest: str, cfg: DataConfig, tokeniz
 
 def prepare(cfg: DataConfig, tokenizer, cache: Path, seed: int, task=None) -> Prepared:
     """`task`: the recipe's task section; classification rows need it (sft ignores it)."""
-    train_rows = [(path, *read_rows(path, cache)) for path in cfg.train_files]  # a file listed twice counts twice
+    train_rows = sources.load(cfg, cache, read_rows)  # a file listed twice counts twice
     classes = None
     if task is not None and task.type == "classification":
-        classes = classify.make_classes(task, tokenizer, classify.collect_labels(task, {path: raw for path, raw, _ in train_rows}))
+        classes = classify.make_classes(task, tokenizer, classify.collect_labels(task, {src.label: raw for src, raw in train_rows}))
     parts, stats = [], []
-    for path, raw, digest in train_rows:
-        ds, st = tokenize_file(path, raw, digest, cfg, tokenizer, cache, classes=classes, task=task)
+    for src, raw in train_rows:
+        ds, st = tokenize_file(src.file, raw, src.digest, sources.data_config(cfg, src), tokenizer, cache, classes=classes, task=task, source=src)
         parts.append(ds)
         stats.append(st)
-    train = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    train, mixture = sources.mix(parts, [src for src, _ in train_rows], seed)
     eval_ds = None
     if cfg.eval_files:
         eval_parts = []
@@ -191,7 +197,7 @@ def prepare(cfg: DataConfig, tokenizer, cache: Path, seed: int, task=None) -> Pr
     if len(train) == 0:
         detail = "; ".join(f"{s.file}: {s.rows} rows, {s.dropped_too_long} too long, {s.dropped_no_target} with no target tokens" for s in stats)
         raise DataError(f"No training examples are left after filtering ({detail}). Raise data.max_seq_len or use data.too_long=truncate.")
-    return Prepared(train=train, eval=eval_ds if eval_ds is not None and len(eval_ds) else None, stats=stats, classes=classes)
+    return Prepared(train=train, eval=eval_ds if eval_ds is not None and len(eval_ds) else None, stats=stats, classes=classes, mixture=mixture)
 
 
 def data_files(stats: List[FileStats]) -> Dict[str, str]:

@@ -22,19 +22,23 @@ class TemplateError(ValueError):
     """The chat template cannot be split into turns the way training needs."""
 
 
-def render(tokenizer, messages: List[dict], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def render(tokenizer, messages: List[dict], add_generation_prompt: bool = False, tools=None) -> str:
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def assistant_spans(tokenizer, messages: List[dict]) -> Tuple[str, List[Tuple[int, int]]]:
-    """The rendered conversation and the [start, end) characters of each assistant reply."""
-    full = render(tokenizer, messages)
+def assistant_spans(tokenizer, messages: List[dict], tools=None) -> Tuple[str, List[Tuple[int, int]]]:
+    """The rendered conversation and the [start, end) characters of each assistant turn (replies and
+    tool calls alike); `tools`: the tool schemas the template shows the model."""
+    full = render(tokenizer, messages, tools=tools)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = render(tokenizer, messages[:i], add_generation_prompt=True)
-        through = render(tokenizer, messages[: i + 1])
+        before = render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
+        through = render(tokenizer, messages[: i + 1], tools=tools)
+        eos = tokenizer.eos_token or ""
+        if not full.startswith(through) and eos and through.endswith(eos) and full.startswith(through[: -len(eos)]):
+            through = through[: -len(eos)]  # templates like Phi-3's end the whole conversation with EOS, so each prefix does too
         if not (through.startswith(before) and full.startswith(through)):
             raise TemplateError(
                 "the chat template renders a conversation differently from its prefixes (it rewrites earlier turns), "
@@ -46,8 +50,8 @@ def assistant_spans(tokenizer, messages: List[dict]) -> Tuple[str, List[Tuple[in
     return full, spans
 
 
-def tokenize_conversation(tokenizer, messages: List[dict]) -> Dict[str, List[int]]:
-    text, spans = assistant_spans(tokenizer, messages)
+def tokenize_conversation(tokenizer, messages: List[dict], tools=None) -> Dict[str, List[int]]:
+    text, spans = assistant_spans(tokenizer, messages, tools)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     labels = [IGNORE] * len(ids)
