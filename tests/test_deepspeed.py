@@ -2,6 +2,7 @@
 
 import json
 import os
+from itertools import pairwise
 
 import pytest
 import torch
@@ -146,7 +147,7 @@ def test_a_step_deepspeed_skips_does_not_advance_the_lr_schedule(tmp_path, cache
     assert rows[3].get("skipped") is True and [rows[s].get("skipped_steps") for s in rows] == [None, None, 1, 1, 1, 1]
     # Warmup raises the lr every applied step; the step after the skipped one gets the skipped step's lr again.
     lrs = [rows[s]["lr"] for s in sorted(rows)]
-    assert lrs[3] == lrs[2] and all(a < b for a, b in zip(lrs[:3], lrs[1:3])) and all(a < b for a, b in zip(lrs[3:], lrs[4:]))
+    assert lrs[3] == lrs[2] and all(a < b for a, b in pairwise(lrs[:3])) and all(a < b for a, b in pairwise(lrs[3:]))
     assert all(rows[s]["loss"] == rows[s]["loss"] for s in (4, 5, 6))  # finite: the NaN step left the weights alone
     state = json.loads((run_dir / "checkpoints" / "step-000006" / "trainer_state.json").read_text())
     assert state["scheduler"]["last_epoch"] == 5  # 5 applied steps: a resume continues the schedule where it was

@@ -35,8 +35,8 @@ _RECIPE_OWNED = {
 _RECIPE_BLOCKS = (
     ("optimizer", "which DeepSpeed would ignore (the launcher passes its own torch AdamW, built from the recipe)",
      "train.lr, train.weight_decay, train.adam_beta1, train.adam_beta2 and train.adam_eps"),
-    ("scheduler", "which DeepSpeed would step inside engine.step() on top of the launcher's LR schedule (two schedules "
-     "setting one learning rate)", "train.lr_scheduler, train.warmup_steps (or train.warmup_ratio) and train.lr"),
+    ("scheduler", "which DeepSpeed would step inside engine.step() on top of the launcher's LR schedule (two schedules setting one learning rate)",
+     "train.lr_scheduler, train.warmup_steps (or train.warmup_ratio) and train.lr"),
 )
 
 
