@@ -1,4 +1,4 @@
-"""The `sft` command: plan, run, submit (Slurm) and export."""
+"""The `sft` command: plan, run, submit (Slurm), export and plot."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ sft run  RECIPE [key=value ...]       train on this machine (--nproc N ranks; mu
 sft submit RECIPE [key=value ...] [--dry-run]
                                       queue it on Slurm (slurm.nodes x launch.nproc_per_node ranks)
 sft export RUN_DIR_OR_CHECKPOINT --out DIR [--adapter-only] [export.key=value ...]
-                                      write a deployable Hugging Face model, verified"""
+                                      write a deployable Hugging Face model, verified
+sft plot RUN_DIR [--out FILE.png]     draw the run's training curves (default RUN_DIR/curves.png)"""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help="overrides of the run's recipe, e.g. export.dtype=bfloat16 or model.path=BASE_DIR")
     e.add_argument("--out", required=True, help="the directory to write (must not exist or be empty)")
     e.add_argument("--adapter-only", action="store_true", help="write the LoRA adapter (PEFT format) instead of a merged model")
+    pl = sub.add_parser("plot")
+    pl.add_argument("run_dir", help="a run's output_dir (it reads metrics.jsonl; a killed run's partial file is fine)")
+    pl.add_argument("--out", help="the PNG to write (default RUN_DIR/curves.png)")
     return p
 
 
@@ -89,7 +93,7 @@ def main(argv=None) -> int:
     stray = [a for a in rest if a.startswith("-") or "=" not in a]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    overrides = list(args.overrides) + rest
+    overrides = list(getattr(args, "overrides", [])) + rest
     for flag, key in (("nproc", "nproc_per_node"), ("nnodes", "nnodes"), ("node_rank", "node_rank"), ("rdzv_endpoint", "rdzv_endpoint")):
         if getattr(args, flag, None) is not None:
             overrides.append(f"launch.{key}={getattr(args, flag)}")
@@ -102,6 +106,11 @@ def main(argv=None) -> int:
     try:
         if args.command == "export":
             return _export(args, overrides)
+        if args.command == "plot":
+            from launcher.plot import plot
+
+            print(f"wrote {plot(Path(args.run_dir), args.out)}", flush=True)
+            return 0
         if args.command == "submit":
             return _submit(args, overrides)
         if args.command == "run" and not any(o.startswith(("launch.nnodes=", "launch.node_rank=", "launch.rdzv_endpoint=")) for o in overrides):

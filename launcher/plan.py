@@ -89,6 +89,9 @@ def check_lora(config, recipe: Recipe, labels=None) -> int:
 
 
 def make_plan(recipe: Recipe) -> Plan:
+    from launcher import trackers
+
+    trackers.check(recipe)  # before the slow parts: a missing package or a dead MLflow server fails at once
     cache = cache_root(recipe.data.cache_dir)
     path = model_dir(recipe.model, cache)
     tokenizer = load_tokenizer(path, recipe.model)

@@ -34,6 +34,7 @@ def validate(recipe: Recipe) -> None:
     for key in positive:
         if _get(recipe, key) < 1:
             raise RecipeError(f"`{key}` must be at least 1, got {_get(recipe, key)}.")
+    _check_logging(recipe.logging)
     la = recipe.launch
     if la.collective_timeout_s < 1:
         raise RecipeError(f"`launch.collective_timeout_s` must be at least 1 second, got {la.collective_timeout_s}.")
@@ -138,3 +139,13 @@ def _check_size(key: str, value: str) -> None:
         convert_file_size_to_int(value)
     except (ValueError, TypeError):
         raise RecipeError(f"`{key}: {value}` is not a size; write it like 5GB, 500MB or 2GiB.") from None
+
+
+def _check_logging(lo) -> None:
+    from launcher.trackers import NAMES
+
+    unknown = [n for n in lo.report_to if n not in NAMES]
+    if unknown:
+        raise RecipeError(f"`logging.report_to`: unknown tracker {', '.join(map(repr, unknown))}. Use a list of {', '.join(NAMES)} (or [] for none).")
+    if lo.wandb_mode not in (None, "online", "offline", "disabled"):
+        raise RecipeError(f"`logging.wandb_mode: {lo.wandb_mode}` is not one of online, offline, disabled.")
