@@ -169,6 +169,8 @@ class LaunchConfig:
     env: Dict[str, str] = field(default_factory=dict)
     # how long a collective may wait for a peer before the run fails (a dead or hung node)
     collective_timeout_s: int = 1800
+    # GPU memory per rank that `sft plan` checks the memory estimate against (default: the detected GPU's)
+    gpu_memory_gib: Optional[float] = None
 
 
 @dataclass

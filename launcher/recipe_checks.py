@@ -36,6 +36,8 @@ def validate(recipe: Recipe) -> None:
             raise RecipeError(f"`{key}` must be at least 1, got {_get(recipe, key)}.")
     _check_logging(recipe.logging)
     la = recipe.launch
+    if la.gpu_memory_gib is not None and la.gpu_memory_gib <= 0:
+        raise RecipeError(f"`launch.gpu_memory_gib` must be positive (GiB of memory per GPU), got {la.gpu_memory_gib}.")
     if la.collective_timeout_s < 1:
         raise RecipeError(f"`launch.collective_timeout_s` must be at least 1 second, got {la.collective_timeout_s}.")
     if la.nnodes < 1 or not 0 <= la.node_rank < la.nnodes:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import datasets
+import pyarrow.compute
 import torch
 from datasets import Dataset, concatenate_datasets
 
@@ -40,6 +41,7 @@ class FileStats:
     dropped_too_long: int = 0
     dropped_no_target: int = 0
     target_tokens: int = 0
+    lengths: Optional[object] = field(default=None, repr=False)  # numpy: tokens of each kept row (the plan's statistics)
 
 
 @dataclass
@@ -154,6 +156,7 @@ def tokenize_file(path: str, raw: Dataset, cfg: DataConfig, tokenizer, cache: Pa
         dropped_too_long=counts.get("dropped_too_long", 0),
         dropped_no_target=counts.get("dropped_no_target", 0),
         target_tokens=int(sum(kept["n_targets"])),
+        lengths=pyarrow.compute.list_value_length(kept.data.column("input_ids")).to_numpy(),
     )
     return kept, stats
 
