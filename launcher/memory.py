@@ -153,7 +153,7 @@ def describe(s: Setup, gpu_bytes: "float | None", gpu_source: str) -> list:
     m = estimate(s)
     ckpt = "on" if s.gradient_checkpointing else "off"
     lines = [
-        f"memory       per rank ({_engine(s)}, {s.world} rank{'s' if s.world > 1 else ''}, {s.weight_bytes * 8}-bit weights): "
+        f"memory       per rank ({_engine(s)}, {s.world} rank{'s' if s.world > 1 else ''}, {'float32' if s.weight_bytes == 4 else '16-bit'} training): "
         f"parameters {_gib(m.params)}, gradients {_gib(m.grads)}, AdamW state {_gib(m.optimizer)}, master weights {_gib(m.master)}"
         + (f", gathered layers {_gib(m.gathered)}" if m.gathered else ""),
         f"             activations {_gib(m.activations)} (micro {s.micro_batch} x {s.seq_len} tokens, the longest row; gradient checkpointing {ckpt}), "

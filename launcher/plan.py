@@ -13,12 +13,15 @@ from typing import List
 
 import torch
 
+from launcher import trackers
 from launcher.cache import cache_root
 from launcher.data.classify import sequence_labels
 from launcher.data.formats import FIELDS
 from launcher.data.prepare import FileStats, prepare
+from launcher.data.stats import length_summary, padding_waste, row_lengths
 from launcher.data.tokenize import TemplateError, end_of_turn_check
 from launcher.errors import UserError
+from launcher.memory import Setup, describe
 from launcher.model import load_tokenizer, model_dir
 from launcher.recipe import Recipe
 from launcher.train import Schedule, make_schedule
@@ -91,9 +94,6 @@ def check_lora(config, recipe: Recipe, labels=None) -> int:
 
 
 def make_plan(recipe: Recipe) -> Plan:
-    from launcher import trackers
-    from launcher.data.stats import padding_waste, row_lengths
-
     trackers.check(recipe)  # before the slow parts: a missing package or a dead MLflow server fails at once
     cache = cache_root(recipe.data.cache_dir)
     path = model_dir(recipe.model, cache)
@@ -163,8 +163,6 @@ def _gpu_memory(recipe: Recipe) -> tuple:
 
 def memory_setup(recipe: Recipe, config, skeleton, params: int, trainable, micro: int, world: int, sequence_head: bool, longest: int):
     """`longest`: the longest training row; a micro-batch is padded to its longest row, so no step is longer."""
-    from launcher.memory import Setup
-
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = text.hidden_size
     heads = getattr(text, "num_attention_heads", 1)
@@ -219,8 +217,6 @@ def _lora(recipe: Recipe, plan: Plan) -> str:
 
 
 def format_plan(plan: Plan, recipe: Recipe) -> str:
-    from launcher.data.stats import length_summary
-
     s, b = plan.schedule, plan.schedule.batches
     lines = [
         f"model        {recipe.model.path} ({plan.architecture}, {plan.params / 1e6:.2f}M parameters, dtype {plan.dtype})",
@@ -246,8 +242,6 @@ def format_plan(plan: Plan, recipe: Recipe) -> str:
     skipped = plan.train_examples - b.steps_per_epoch * b.global_batch
     if skipped:
         lines.append(f"             {skipped} examples per epoch do not fill a global batch and are skipped (a different set each epoch when shuffled)")
-    from launcher.memory import describe
-
     lines += describe(plan.memory, *_gpu_memory(recipe))
     lines.append(f"output_dir   {recipe.output_dir}")
     return "\n".join(lines)

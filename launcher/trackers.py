@@ -95,16 +95,19 @@ def check(recipe) -> None:
             f"Install it with pip install 'sft-launcher[{extras}]' (or pip install {' '.join(_PACKAGES[n] for n in missing)}), "
             "or remove it from logging.report_to."
         )
-    if "mlflow" in recipe.logging.report_to and mlflow_uri(recipe):
-        _check_mlflow_uri(mlflow_uri(recipe))
+    if "mlflow" in recipe.logging.report_to:
+        import mlflow
+
+        _check_mlflow_uri(mlflow_uri(recipe) or mlflow.get_tracking_uri())
 
 
 class TensorBoard:
-    def __init__(self, recipe, run_dir: Path, ids: dict):
+    def __init__(self, recipe, run_dir: Path, ids: dict, start_step: int):
         from torch.utils.tensorboard import SummaryWriter
 
-        # One log dir per run dir: a resumed run appends a new event file there, which TensorBoard merges.
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        # One log dir per run dir: a resumed run appends a new event file there, which TensorBoard merges;
+        # purge_step drops what an earlier attempt logged after the checkpoint (those steps are trained again).
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
         self.writer.add_text("recipe", "```\n" + json.dumps(_config(recipe), indent=1) + "\n```", 0)
 
     def log(self, step: int, values: dict) -> None:
@@ -117,7 +120,7 @@ class TensorBoard:
 
 
 class WandB:
-    def __init__(self, recipe, run_dir: Path, ids: dict):
+    def __init__(self, recipe, run_dir: Path, ids: dict, start_step: int):
         import wandb
 
         ids.setdefault("wandb", uuid.uuid4().hex[:12])  # ours, so it is known before init and saved for a resume
@@ -137,7 +140,7 @@ class WandB:
 
 
 class MLflow:
-    def __init__(self, recipe, run_dir: Path, ids: dict):
+    def __init__(self, recipe, run_dir: Path, ids: dict, start_step: int):
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
@@ -173,10 +176,10 @@ _CLASSES = {"tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow}
 class Trackers:
     """The trackers of `logging.report_to`, opened on rank 0; ids saved so a resume continues them."""
 
-    def __init__(self, recipe, run_dir: Path):
+    def __init__(self, recipe, run_dir: Path, start_step: int = 0):
         path = Path(run_dir) / IDS_FILE
         ids = json.loads(path.read_text()) if path.is_file() else {}
-        self.open = [_CLASSES[name](recipe, Path(run_dir), ids) for name in recipe.logging.report_to]
+        self.open = [_CLASSES[name](recipe, Path(run_dir), ids, start_step) for name in recipe.logging.report_to]
         if self.open:
             path.write_text(json.dumps(ids, indent=1) + "\n")
 

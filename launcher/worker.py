@@ -92,7 +92,7 @@ def run(recipe, dist, stop=None) -> dict:
     engine = engines.build(recipe, model, dist, accumulation)
     from launcher.trackers import Trackers
 
-    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main, trackers=Trackers(recipe, run_dir) if dist.is_main else None)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main, trackers=Trackers(recipe, run_dir, start_step) if dist.is_main else None)
     if resumed is not None:
         tick = time.perf_counter()
         engine.load_checkpoint(resumed / "model")
