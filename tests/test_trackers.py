@@ -139,6 +139,15 @@ def test_plot_reads_a_killed_runs_partial_metrics(tracked, tmp_path, capsys):
     assert "metrics.jsonl does not exist" in capsys.readouterr().err
 
 
+def test_plot_draws_a_classifiers_accuracy_and_f1(tmp_path):
+    from launcher.plot import plot
+
+    rows = [{"step": s, "loss": 1 / s, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 100.0} for s in (1, 2, 3)]
+    rows += [{"step": s, "eval_loss": 1 / (s + 1), "eval_accuracy": s / 4, "eval_macro_f1": s / 5, "eval_per_class": {"a": {"f1": 1}}} for s in (0, 3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _decoded(plot(tmp_path)).shape[:2] == (960, 1100)  # a fifth panel: a third row
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
