@@ -60,11 +60,12 @@ def test_padding_share_is_what_training_pads(tmp_path, cache_dir):
     from launcher.recipe import load_recipe
     from launcher.train import step_batches
 
-    rows = [{"prompt": "w " * (1 + (7 * i) % 23), "completion": "x " * (1 + i % 5)} for i in range(48)]
+    rows = [{"prompt": "w " * (1 + (7 * i) % 23), "completion": "x " * (1 + i % 5)} for i in range(64)]
+    rows[5]["prompt"] = "w " * 200  # dropped as too long: not in the statistics
     data = tmp_path / "varied.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", [f"data.cache_dir={cache_dir}", f"data.train_files=[{data}]",
-                         "data.eval_files=[]", "data.format=completion", "train.micro_batch_size=4", "train.eval_every=0",
+                         "data.eval_files=[]", "data.eval_fraction=0.25", "data.too_long=drop", "data.max_seq_len=40", "data.format=completion", "train.micro_batch_size=4", "train.eval_every=0",
                          "train.eval_generate=0", "train.eval_at_start=false", "launch.nproc_per_node=2"])
     plan = make_plan(recipe)
     from launcher.data.prepare import prepare
@@ -73,7 +74,8 @@ def test_padding_share_is_what_training_pads(tmp_path, cache_dir):
 
     cache = cache_root(recipe.data.cache_dir)
     tok = load_tokenizer(model_dir(recipe.model, cache), recipe.model)
-    train = prepare(recipe.data, tok, cache, recipe.seed, recipe.task).train
+    prepared = prepare(recipe.data, tok, cache, recipe.seed, recipe.task)
+    train = prepared.train  # a selection (eval_fraction) of a filtered file: index mappings on both
     slots = real = 0
     for step in range(plan.schedule.batches.steps_per_epoch):
         for rank in range(2):
@@ -82,6 +84,8 @@ def test_padding_share_is_what_training_pads(tmp_path, cache_dir):
                 real += int(b["attention_mask"].sum())
     assert plan.padding == pytest.approx(1 - real / slots)
     lengths = [len(x) for x in train["input_ids"]]
+    kept = sorted(lengths + [len(x) for x in prepared.eval["input_ids"]])
+    assert plan.files[0].kept == 63 and sorted(plan.files[0].lengths.tolist()) == kept
     text = format_plan(plan, recipe)
-    assert f"max {max(lengths)};" in text and f"padding: {100 * (1 - real / slots):.0f}%" in text
+    assert f"max {max(kept)};" in text and f"padding: {100 * (1 - real / slots):.0f}%" in text
     assert plan.memory.seq_len == max(lengths)

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import datasets
-import pyarrow.compute
 import torch
 from datasets import Dataset, concatenate_datasets
 
 from launcher.data import classify
 from launcher.data.formats import to_example
+from launcher.data.stats import row_lengths
 from launcher.data.tokenize import TemplateError, tokenize_completion, too_long_status, tokenize_conversation
 from launcher.errors import DataError
 from launcher.recipe import DataConfig
@@ -156,7 +156,7 @@ def tokenize_file(path: str, raw: Dataset, cfg: DataConfig, tokenizer, cache: Pa
         dropped_too_long=counts.get("dropped_too_long", 0),
         dropped_no_target=counts.get("dropped_no_target", 0),
         target_tokens=int(sum(kept["n_targets"])),
-        lengths=pyarrow.compute.list_value_length(kept.data.column("input_ids")).to_numpy(),
+        lengths=row_lengths(kept),
     )
     return kept, stats
 

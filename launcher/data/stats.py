@@ -8,8 +8,9 @@ import pyarrow.compute
 
 
 def row_lengths(dataset) -> np.ndarray:
-    """Tokens of every row of a tokenized dataset, read from its Arrow column (no Python lists)."""
-    return pyarrow.compute.list_value_length(dataset.data.column("input_ids")).to_numpy()
+    """Tokens of every row of a tokenized dataset, read from its Arrow column (no Python lists); through
+    the arrow format so a filtered or selected dataset's index mapping is applied (`.data` ignores it)."""
+    return pyarrow.compute.list_value_length(dataset.with_format("arrow")["input_ids"]).to_numpy()
 
 
 def length_summary(lengths: np.ndarray) -> str:
