@@ -41,7 +41,7 @@ class FileStats:
     dropped_too_long: int = 0
     dropped_no_target: int = 0
     target_tokens: int = 0
-    lengths: Optional[object] = field(default=None, repr=False)  # numpy: tokens of each kept row (the plan's statistics)
+    lengths: Optional[object] = field(default=None, repr=False, compare=False)  # numpy: tokens of each kept row (the plan's statistics)
 
 
 @dataclass
