@@ -85,6 +85,24 @@ def _installed(module: str) -> bool:
         return False
 
 
+def _check_wandb_login() -> None:
+    """Online W&B needs a key (WANDB_API_KEY, or ~/.netrc from `wandb login`); without one, wandb.init fails on rank 0."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return
+    import netrc
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        if netrc.netrc(os.environ.get("NETRC")).authenticators(host):
+            return
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        pass
+    raise UserError(
+        f"logging.report_to has wandb in online mode, but no W&B API key is set (WANDB_API_KEY, or {host} in ~/.netrc). "
+        "Run `wandb login` or set WANDB_API_KEY, or log offline with logging.wandb_mode=offline (or WANDB_MODE=offline) and `wandb sync` later."
+    )
+
+
 def check(recipe) -> None:
     """`sft plan`: every tracker named is installed, and an MLflow URI answers."""
     missing = [n for n in recipe.logging.report_to if not _installed(_PACKAGES[n])]
@@ -95,6 +113,8 @@ def check(recipe) -> None:
             f"Install it with pip install 'sft-launcher[{extras}]' (or pip install {' '.join(_PACKAGES[n] for n in missing)}), "
             "or remove it from logging.report_to."
         )
+    if "wandb" in recipe.logging.report_to and wandb_mode(recipe) == "online":
+        _check_wandb_login()
     if "mlflow" in recipe.logging.report_to:
         import mlflow
 

@@ -159,19 +159,22 @@ def _free_port():
     [
         ("logging.report_to=[tensorbored]", None, "unknown tracker 'tensorbored'"),
         ("logging.report_to=[wandb]", None, "pip install 'sft-launcher[wandb]'"),
+        ("logging.report_to=[wandb] logging.wandb_mode=online", None, "no W&B API key is set"),
         ("logging.report_to=[mlflow]", "http://127.0.0.1:{port}", "http://127.0.0.1:{port} cannot be reached"),
         ("logging.report_to=[mlflow]", "file:///tmp/mlruns-{port}", "MLFLOW_ALLOW_FILE_STORE=true"),
     ],
 )
-def test_plan_rejects_bad_tracker_settings(override, uri, message, cache_dir, capsys, monkeypatch):
+def test_plan_rejects_bad_tracker_settings(override, uri, message, cache_dir, capsys, monkeypatch, tmp_path):
     from launcher.cli import main
 
-    if "wandb" in override:
+    if override == "logging.report_to=[wandb]":
         monkeypatch.setitem(sys.modules, "wandb", None)  # Python's own marker of a module that cannot be imported
+    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "MLFLOW_ALLOW_FILE_STORE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     port = _free_port()
-    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     if uri:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri.format(port=port))
-    assert main(["plan", QUICKSTART, override, f"data.cache_dir={cache_dir}"]) == 2
+    assert main(["plan", QUICKSTART, *override.split(), f"data.cache_dir={cache_dir}"]) == 2
     err = capsys.readouterr().err
     assert message.format(port=port) in err and "Traceback" not in err
