@@ -1,12 +1,12 @@
 """The memory a run needs per rank, by engine and world size, and whether it fits the GPU.
 
 State (parameters, gradients, AdamW moments, fp32 master weights) follows what each engine
-here holds, as benchmarks/memory_scaling.py measures it (tests/test_memory_plan.py checks
+here holds, as benchmarks/memory_scaling.py measures it (tests/test_sharding.py checks
 the two agree): DDP keeps everything in the training dtype; DeepSpeed adds an fp32 master
 copy of its partition (even in fp32) and shards gradients from stage 1 on (its stage 1 and 2
 share one implementation), parameters at stage 3; FSDP keeps fp32 parameters, gradients and
 moments, all sharded. Activations are what a decoder layer keeps for backward at
-micro batch x max_seq_len (padded rows are that long at worst), or only each layer's input
+micro batch x the longest row (each micro-batch is padded to its longest), or only each layer's input
 plus one recomputed layer under gradient checkpointing; logits are the output head's
 [batch, seq, vocab] with the fp32 copies the cross-entropy makes.
 """
