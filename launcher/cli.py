@@ -1,4 +1,4 @@
-"""The `sft` command: plan, run, submit (Slurm), export, generate and chat."""
+"""The `sft` command: plan, run, submit (Slurm), export, generate, chat and plot."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ sft export RUN_DIR_OR_CHECKPOINT --out DIR [--adapter-only] [export.key=value ..
 sft generate MODEL_OR_RUN --prompts FILE --out FILE [--batch-size N --max-new-tokens N --temperature T --top-p P]
                                       batched replies with the model's chat template (greedy by default)
 sft chat MODEL_OR_RUN [--system TEXT --max-new-tokens N --temperature T --top-p P]
-                                      talk to the model in the terminal"""
+                                      talk to the model in the terminal
+sft plot RUN_DIR [--out FILE.png]     draw the run's training curves (default RUN_DIR/curves.png)"""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
         g.add_argument("--max-new-tokens", type=int, default=256, help="the longest reply, in tokens (default 256)")
         g.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample")
         g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling with --temperature > 0 (default 1.0: off)")
+    pl = sub.add_parser("plot")
+    pl.add_argument("run_dir", help="a run's output_dir (it reads metrics.jsonl; a killed run's partial file is fine)")
+    pl.add_argument("--out", help="the PNG to write (default RUN_DIR/curves.png)")
     return p
 
 
@@ -137,6 +141,11 @@ def main(argv=None) -> int:
             return chat(Path(args.model), args.max_new_tokens, args.temperature, args.top_p, args.system)
         if args.command == "export":
             return _export(args, overrides)
+        if args.command == "plot":
+            from launcher.plot import plot
+
+            print(f"wrote {plot(Path(args.run_dir), args.out)}", flush=True)
+            return 0
         if args.command == "submit":
             return _submit(args, overrides)
         if args.command == "run" and not any(o.startswith(("launch.nnodes=", "launch.node_rank=", "launch.rdzv_endpoint=")) for o in overrides):

@@ -1,4 +1,4 @@
-"""What rank 0 writes: metrics.jsonl for machines, a progress line or bar for people."""
+"""What rank 0 writes: metrics.jsonl for machines (and the trackers of logging.report_to), a progress line or bar for people."""
 
 from __future__ import annotations
 
@@ -8,16 +8,24 @@ from pathlib import Path
 
 
 class MetricsLog:
-    """Appends one JSON object per line; flushed each write so a killed run keeps its history."""
+    """Appends one JSON object per line; flushed each write so a killed run keeps its history.
+    `trackers` (launcher.trackers.Trackers) receive every row too."""
 
-    def __init__(self, path: Path, enabled: bool):
+    def __init__(self, path: Path, enabled: bool, trackers=None):
         self.enabled = enabled
         self.path = path
+        self.trackers = trackers
 
     def write(self, row: dict) -> None:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            if self.trackers is not None:
+                self.trackers.log(row)
+
+    def close(self, finished: bool = True) -> None:
+        if self.trackers is not None:
+            self.trackers.close(finished)
 
 
 def _duration(seconds: float) -> str:

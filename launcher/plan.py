@@ -13,13 +13,15 @@ from typing import List
 
 import torch
 
-from launcher import hub
+from launcher import hub, trackers
 from launcher.cache import cache_root
 from launcher.data.classify import sequence_labels
 from launcher.data.formats import FIELDS
 from launcher.data.prepare import FileStats, prepare
+from launcher.data.stats import length_summary, padding_waste, row_lengths
 from launcher.data.tokenize import TemplateError, end_of_turn_check
 from launcher.errors import UserError
+from launcher.memory import Setup, describe
 from launcher.model import load_tokenizer, model_dir
 from launcher.recipe import Recipe
 from launcher.train import Schedule, make_schedule
@@ -41,6 +43,8 @@ class Plan:
     mean_tokens: float
     files: List[FileStats]
     mixture: list = None  # data.sources.Share per training source
+    memory: "object | None" = None  # memory.Setup: what decides a rank's memory
+    padding: float = 0.0  # share of the planned micro-batches' token slots that are padding
 
 
 def _model_config(path: Path, recipe: Recipe, labels=None, pad_token_id=None):
@@ -126,6 +130,7 @@ def check_lora(config, recipe: Recipe, labels=None) -> int:
 def make_plan(recipe: Recipe, here: bool = True) -> Plan:
     """`here`: the workers start on this machine (sft plan, sft run), so its hardware counts; False
     for `sft submit`, whose job runs on other nodes."""
+    trackers.check(recipe)  # before the slow parts: a missing package or a dead MLflow server fails at once
     cache = cache_root(recipe.data.cache_dir)
     hub.use_pins(Path(recipe.output_dir))  # a resume or a submitted job reads the commits its run dir recorded
     path = model_dir(recipe.model, cache)
@@ -162,10 +167,12 @@ def make_plan(recipe: Recipe, here: bool = True) -> Plan:
         check_wrap_classes(skeleton, recipe)
     trainable = check_lora(config, recipe, labels) if recipe.lora.enabled else None
     lengths = prepared.train.select(range(min(len(prepared.train), 2000)))["input_ids"]
+    params = sum(p.numel() for p in skeleton.parameters())
+    train_lengths = row_lengths(prepared.train)
     return Plan(
         model_path=path,
         architecture=type(skeleton).__name__,
-        params=sum(p.numel() for p in skeleton.parameters()),
+        params=params,
         trainable=trainable,
         classes=prepared.classes,
         dtype=recipe.model.dtype,
@@ -177,6 +184,45 @@ def make_plan(recipe: Recipe, here: bool = True) -> Plan:
         mean_tokens=sum(len(x) for x in lengths) / len(lengths),
         files=prepared.stats,
         mixture=prepared.mixture,
+        padding=padding_waste(schedule.batches, train_lengths),
+        memory=memory_setup(recipe, config, skeleton, params, trainable, schedule.batches.micro_batch_size, world, labels is not None,
+                            int(train_lengths.max())),
+    )
+
+
+def _gpu_memory(recipe: Recipe) -> tuple:
+    """(bytes per GPU, where that number came from), or (None, None) with neither a GPU nor launch.gpu_memory_gib."""
+    if recipe.launch.gpu_memory_gib:
+        return recipe.launch.gpu_memory_gib * 2**30, "launch.gpu_memory_gib"
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return props.total_memory, f"the detected {props.name}"
+    return None, None
+
+
+def memory_setup(recipe: Recipe, config, skeleton, params: int, trainable, micro: int, world: int, sequence_head: bool, longest: int):
+    """`longest`: the longest training row; a micro-batch is padded to its longest row, so no step is longer."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = text.hidden_size
+    heads = getattr(text, "num_attention_heads", 1)
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    # LoRA r 16 on every linear layer but the head: what "try LoRA" would train
+    lora16 = sum(16 * (m.in_features + m.out_features) for name, m in skeleton.named_modules()
+                 if isinstance(m, torch.nn.Linear) and not name.endswith(("lm_head", "score", "classifier")))
+    dtype = recipe.model.dtype
+    if dtype == "auto":  # what the run will use where it runs: bfloat16 on a GPU
+        dtype = "bfloat16" if _gpu_memory(recipe)[0] is not None else "float32"
+    st = recipe.strategy
+    return Setup(
+        params=params, lora_trainable=lora16, weight_bytes=4 if dtype == "float32" else 2,
+        layers=text.num_hidden_layers, hidden=hidden, kv_hidden=getattr(text, "num_key_value_heads", heads) * head_dim,
+        intermediate=getattr(text, "intermediate_size", 4 * hidden), heads=heads,
+        vocab=0 if sequence_head else text.vocab_size, seq_len=min(longest, recipe.data.max_seq_len),
+        eager_attention=recipe.model.attn_implementation == "eager", backend=st.backend, zero_stage=st.zero_stage,
+        offload_optimizer=st.offload_optimizer and st.backend == "deepspeed",
+        offload_params=(st.offload_params and st.backend == "deepspeed") or (st.cpu_offload and st.backend == "fsdp"),
+        reshard_after_forward=st.reshard_after_forward, world=world, trainable=params if trainable is None else trainable,
+        micro_batch=micro, gradient_checkpointing=recipe.model.gradient_checkpointing,
     )
 
 
@@ -187,10 +233,6 @@ def _task(recipe: Recipe, classes) -> str:
     head = ("head lm: the label answers task.prompt; predictions score every label" if t.head == "lm"
             else "head sequence: a classification head on the model" + (f", class weights {list(classes.weights)}" if t.class_weights else ""))
     return f"classification of `{t.text_field}` into `{t.label_field}`: {len(classes.names)} classes ({', '.join(classes.names)}) from {classes.source}; {head}"
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
 
 
 def _strategy(recipe: Recipe) -> str:
@@ -219,14 +261,6 @@ def _weighted(recipe: Recipe) -> bool:
 
 def format_plan(plan: Plan, recipe: Recipe) -> str:
     s, b = plan.schedule, plan.schedule.batches
-    from launcher.engines import load_dtype
-
-    # A trained parameter costs 16 bytes in every engine and dtype: fp32 weight, gradient and two AdamW
-    # moments (DeepSpeed bf16: bf16 weight and gradient plus its fp32 master copy). A frozen one (a LoRA
-    # base) is held in the dtype the engine loads it in. DDP: per rank, unsharded.
-    trained = plan.params if plan.trainable is None else plan.trainable
-    frozen_bytes = load_dtype(recipe, torch.device("cuda" if torch.cuda.is_available() else "cpu")).itemsize
-    state = (plan.params - trained) * frozen_bytes + trained * 16
     lines = [
         f"model        {recipe.model.path} ({plan.architecture}, {plan.params / 1e6:.2f}M parameters, dtype {plan.dtype})",
         *[f"             Hub {r.kind} {r.repo} revision {r.revision} = commit {r.commit}, in {r.path}" for r in hub.resolved()],
@@ -246,12 +280,15 @@ def format_plan(plan: Plan, recipe: Recipe) -> str:
             f"             {f.file}: {f.rows} rows, {f.kept} kept, {f.truncated} truncated, "
             f"{f.dropped_too_long} dropped as too long, {f.dropped_no_target} with no target tokens"
         )
+        if f.lengths is not None and len(f.lengths):
+            lines.append(f"               {length_summary(f.lengths)}; {100 * f.target_tokens / max(int(f.lengths.sum()), 1):.0f}% of its tokens are trained targets")
     for m in plan.mixture if plan.mixture and len(plan.mixture) > 1 or _weighted(recipe) else []:
         lines.append(f"             mixture: {m.label}: {m.rows} rows, {m.tokens:,} tokens, {100 * m.share:.1f}% of the mixture")
+    lines.append(f"             padding: {100 * plan.padding:.0f}% of the planned micro-batches' token slots (each padded to its longest row)")
     skipped = plan.train_examples - b.steps_per_epoch * b.global_batch
     if skipped:
         lines.append(f"             {skipped} examples per epoch do not fill a global batch and are skipped (a different set each epoch when shuffled)")
-    lines.append(f"memory       ~{_gib(state)} per rank for weights, gradients and AdamW state (activations not included)")
+    lines += describe(plan.memory, *_gpu_memory(recipe))
     lines.append(f"output_dir   {recipe.output_dir}")
     return "\n".join(lines)
 

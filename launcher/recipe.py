@@ -195,6 +195,8 @@ class LaunchConfig:
     env: Dict[str, str] = field(default_factory=dict)
     # how long a collective may wait for a peer before the run fails (a dead or hung node)
     collective_timeout_s: int = 1800
+    # GPU memory per rank that `sft plan` checks the memory estimate against (default: the detected GPU's)
+    gpu_memory_gib: Optional[float] = None
 
 
 @dataclass
@@ -228,6 +230,15 @@ class SlurmConfig:
 @dataclass
 class LoggingConfig:
     every_steps: int = 1
+    # experiment trackers on rank 0, each an extra (pip install 'sft-launcher[tensorboard]'): tensorboard | wandb | mlflow
+    report_to: List[str] = field(default_factory=list)
+    # wandb: project (default sft-launcher), entity, mode online | offline | disabled (default: $WANDB_MODE, else online)
+    wandb_project: Optional[str] = None
+    wandb_entity: Optional[str] = None
+    wandb_mode: Optional[str] = None
+    # mlflow: tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's own) and experiment (default sft-launcher)
+    mlflow_tracking_uri: Optional[str] = None
+    mlflow_experiment: Optional[str] = None
 
 
 @dataclass

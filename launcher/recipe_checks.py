@@ -34,7 +34,10 @@ def validate(recipe: Recipe) -> None:
     for key in positive:
         if _get(recipe, key) < 1:
             raise RecipeError(f"`{key}` must be at least 1, got {_get(recipe, key)}.")
+    _check_logging(recipe.logging)
     la = recipe.launch
+    if la.gpu_memory_gib is not None and la.gpu_memory_gib <= 0:
+        raise RecipeError(f"`launch.gpu_memory_gib` must be positive (GiB of memory per GPU), got {la.gpu_memory_gib}.")
     if la.collective_timeout_s < 1:
         raise RecipeError(f"`launch.collective_timeout_s` must be at least 1 second, got {la.collective_timeout_s}.")
     if la.nnodes < 1 or not 0 <= la.node_rank < la.nnodes:
@@ -167,3 +170,13 @@ def _check_size(key: str, value: str) -> None:
         convert_file_size_to_int(value)
     except (ValueError, TypeError):
         raise RecipeError(f"`{key}: {value}` is not a size; write it like 5GB, 500MB or 2GiB.") from None
+
+
+def _check_logging(lo) -> None:
+    from launcher.trackers import NAMES
+
+    unknown = [n for n in lo.report_to if n not in NAMES]
+    if unknown:
+        raise RecipeError(f"`logging.report_to`: unknown tracker {', '.join(map(repr, unknown))}. Use a list of {', '.join(NAMES)} (or [] for none).")
+    if lo.wandb_mode not in (None, "online", "offline", "disabled"):
+        raise RecipeError(f"`logging.wandb_mode: {lo.wandb_mode}` is not one of online, offline, disabled.")

@@ -14,7 +14,8 @@ from launcher.errors import UserError
 from launcher.recipe import Recipe, to_dict
 
 # What a run writes; `--overwrite` removes only these.
-RUN_FILES = ("recipe.yaml", "metrics.jsonl", "logs", "final", "checkpoints", "plan.txt", "submit.sbatch", "hub.json")
+RUN_FILES = ("recipe.yaml", "metrics.jsonl", "logs", "final", "checkpoints", "plan.txt", "submit.sbatch", "hub.json",
+             "curves.png", "trackers.json", "tensorboard", "wandb")
 
 
 # Recipe keys that may differ between attempts of one run: where it runs, how it saves, logs and exports.

@@ -120,11 +120,11 @@ def _boundary(dist, stop, timed_save_due: bool) -> tuple:
     return bool(flags[0]), bool(flags[1])
 
 
-def train(recipe, engine, dist, prepared, schedule: Schedule, tokenizer, run_dir, save_checkpoint, stop=None, resumed=None) -> dict:
+def train(recipe, engine, dist, prepared, schedule: Schedule, tokenizer, run_dir, save_checkpoint, stop=None, resumed=None, metrics=None) -> dict:
     """`save_checkpoint(step, scheduler, stopped_by)` is collective; it runs every checkpoint.every_steps
     steps, every checkpoint.every_minutes, after the last step, and when a stop signal arrives (then
     Preempted is raised on every rank). `resumed`: the checkpoint to continue from (its engine state
-    is already loaded)."""
+    is already loaded). `metrics`: a MetricsLog (with the run's trackers); default metrics.jsonl alone."""
     from launcher.checkpoint import read_state, restore_rng
     from launcher.preemption import Preempted
 
@@ -138,7 +138,7 @@ def train(recipe, engine, dist, prepared, schedule: Schedule, tokenizer, run_dir
         # Creating the scheduler reset the optimizer's LR to step 0's; put back the resumed step's.
         for group, lr, base in zip(engine.optimizer.param_groups, scheduler.get_last_lr(), scheduler.base_lrs):
             group["lr"], group["initial_lr"] = lr, base
-    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main)
+    metrics = metrics or MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main)
     console = Console(schedule.total_steps, enabled=dist.is_main)
     pad_id = tokenizer.pad_token_id
     mfu = MFU(engine.unwrapped(), dist.device)

@@ -95,6 +95,9 @@ def run(recipe, dist, stop=None) -> dict:
             set_seed(recipe.seed)
         model = add_lora(hf_model, recipe.lora, adapter_dtype_follows_base=deepspeed) if recipe.lora.enabled else hf_model
     engine = engines.build(recipe, model, dist, accumulation)
+    from launcher.trackers import Trackers
+
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main, trackers=Trackers(recipe, run_dir, start_step) if dist.is_main else None)
     if resumed is not None:
         tick = time.perf_counter()
         settings = resume.optimizer_settings(engine.optimizer)
@@ -105,7 +108,7 @@ def run(recipe, dist, stop=None) -> dict:
         seconds = time.perf_counter() - tick
         if dist.is_main:
             row = {"step": start_step, "checkpoint_load_s": round(seconds, 3)}
-            MetricsLog(run_dir / "metrics.jsonl", enabled=True).write(row if continuing else {**row, "init_from": init_from})
+            metrics.write(row if continuing else {**row, "init_from": init_from})
             what = (f"resumed from {resumed} (step {start_step} of {schedule.total_steps})" if continuing
                     else f"started from {resumed} (its step {init_from['step']}; this run starts at step 0)")
             print(f"{what} in {seconds:.1f} s", file=sys.stderr, flush=True)
@@ -149,7 +152,13 @@ def run(recipe, dist, stop=None) -> dict:
         state = {**meta, "epoch": step / schedule.batches.steps_per_epoch, "scheduler": scheduler.state_dict(), "stopped_by": stopped_by}
         checkpoint.save(engine, run_dir, step, dist, recipe.checkpoint.keep_last, state, extras)
 
-    return train(recipe, engine, dist, prepared, schedule, tokenizer, run_dir, save_checkpoint, stop, resumed if continuing else None)
+    finished = False
+    try:
+        result = train(recipe, engine, dist, prepared, schedule, tokenizer, run_dir, save_checkpoint, stop, resumed if continuing else None, metrics)
+        finished = True
+        return result
+    finally:
+        metrics.close(finished)  # a stopped run's tracker run is marked so, and continues on resume
 
 
 def export_final(recipe) -> Path:
@@ -214,6 +223,9 @@ def main(argv=None) -> int:
             import gc
 
             gc.collect()  # the engine's shards and optimizer state are unreachable by now
+            from launcher.plot import curves_after_run
+
+            curves_after_run(Path(recipe.output_dir))
             if recipe.export.on_finish:
                 export_final(recipe)
             _summary(result, Path(recipe.output_dir), recipe.export.on_finish)

@@ -67,3 +67,37 @@ def test_zero2_shards_optimizer_state_and_gradients_not_params(measured):
     assert _close(z2["optimizer_state"], ddp["optimizer"] / 2), (z2, ddp)
     assert _close(z2["grads"], ddp["grads"] / 2), (z2, ddp)
     assert _close(z2["params"], ddp["params"]), (z2, ddp)
+
+
+@pytest.fixture(scope="module")
+def measured_one_rank(tmp_path_factory, cache_dir):
+    tmp = tmp_path_factory.mktemp("sharding-1")
+    return {memory_scaling.label(e, s): memory_scaling.run_worker(e, s, 1, tmp / f"{e}{s}.json", cache_dir, timeout=300)
+            for e, s in memory_scaling.CONFIGS}
+
+
+@pytest.fixture(scope="module")
+def planned(cache_dir):
+    """`sft plan`'s memory inputs for the benchmark's model and dtype (builtin tiny-llama, fp32)."""
+    from launcher.plan import make_plan
+    from launcher.recipe import load_recipe
+
+    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", [f"data.cache_dir={cache_dir}", "model.dtype=float32"])
+    return make_plan(recipe).memory
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [1, 2])
+def test_plan_predicts_the_measured_state_bytes_per_rank(world, planned, request):
+    from dataclasses import replace
+
+    from launcher.memory import estimate
+
+    runs = request.getfixturevalue("measured" if world == 2 else "measured_one_rank")
+    for engine, stage in memory_scaling.CONFIGS:
+        lbl = memory_scaling.label(engine, stage)
+        m = runs[lbl]["ranks"][0] if "ranks" in runs[lbl] else pytest.fail(f"{lbl} at {world} rank(s) failed:\n{runs[lbl]['error']}")
+        p = estimate(replace(planned, backend=engine, zero_stage=stage or 0, world=world))
+        assert _close(p.state, m["total"]), (lbl, world, p, m["total"])
+        for predicted, key in ((p.params, "params"), (p.grads, "grads"), (p.optimizer + p.master, "optimizer")):
+            assert _close(predicted, m[key]), (lbl, world, key, predicted, m[key])

@@ -22,6 +22,7 @@ from datasets import Dataset, concatenate_datasets
 from launcher.data import classify, sources
 from launcher.data.digest import file_digest
 from launcher.data.formats import to_example
+from launcher.data.stats import row_lengths
 from launcher.data.tokenize import TemplateError, tokenize_completion, too_long_status, tokenize_conversation
 from launcher.errors import DataError
 from launcher.recipe import DataConfig
@@ -41,6 +42,7 @@ class FileStats:
     dropped_no_target: int = 0
     target_tokens: int = 0
     digest: str = ""  # the file's content (data/digest.py): checkpoints record it, a resume compares it
+    lengths: Optional[object] = field(default=None, repr=False, compare=False)  # numpy: tokens of each kept row (the plan's statistics)
 
 
 @dataclass
@@ -165,6 +167,7 @@ def tokenize_file(path: str, raw: Dataset, digest: str, cfg: DataConfig, tokeniz
         dropped_no_target=counts.get("dropped_no_target", 0),
         target_tokens=int(sum(kept["n_targets"])),
         digest=digest,
+        lengths=row_lengths(kept),
     )
     return kept, stats
 
