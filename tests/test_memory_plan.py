@@ -27,10 +27,12 @@ def test_memory_shrinks_with_ranks_and_sharding_and_lora(plan_of):
     plan, _ = plan_of()
     s = replace(plan.memory, weight_bytes=2, world=8)
     ddp, z3, fsdp = (estimate(replace(s, backend=b, zero_stage=3)) for b in ("ddp", "deepspeed", "fsdp"))
-    assert z3.params == pytest.approx(ddp.params / 8) and fsdp.optimizer == pytest.approx(8 * s.params / 8)
+    # ddp trains fp32 weights under bf16 autocast; ZeRO-3 holds a 16-bit shard (its fp32 master is sharded too)
+    assert ddp.params == pytest.approx(4 * s.params) and z3.params == pytest.approx(2 * s.params / 8)
+    assert fsdp.optimizer == pytest.approx(8 * s.params / 8)
     assert z3.state < ddp.state and fsdp.state < ddp.state
     lora = estimate(replace(s, trainable=s.lora_trainable))
-    assert lora.grads < 0.5 * ddp.grads and lora.params == ddp.params  # the frozen base is still held
+    assert lora.grads < 0.5 * ddp.grads and lora.params >= 2 * s.params  # the frozen base is still held (16-bit)
     ckpt = estimate(replace(s, gradient_checkpointing=True))
     assert ckpt.activations < ddp.activations / 2
     off = estimate(replace(s, backend="deepspeed", zero_stage=3, offload_optimizer=True, offload_params=True))
