@@ -47,6 +47,8 @@ class DataConfig:
     packing: Optional[bool] = None
     # tokens per packed micro-batch; unset: train.micro_batch_size x max_seq_len (a full padded micro-batch)
     pack_tokens: Optional[int] = None
+    # processes that tokenize (once per node, cached); unset: one per core for files of 20k rows or more
+    num_proc: Optional[int] = None
     # tokenized datasets and built-in models; default: $XDG_CACHE_HOME/sft-launcher
     cache_dir: Optional[str] = None
 
