@@ -32,6 +32,16 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+# Config fields of models that transform logits after the head (Gemma 2/3 softcapping, Cohere's scale).
+AFTER_HEAD = ("final_logit_softcapping", "logit_scale")
+
+
+def applies(model: torch.nn.Module) -> bool:
+    """Whether the loss can be taken from the output head in chunks (no logit transform after it)."""
+    config = getattr(unwrap(model), "config", None)
+    return not any(getattr(config, name, None) is not None for name in AFTER_HEAD)
+
+
 def _chunk_loss(forward, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(forward(hidden).float(), target, reduction="sum")
 

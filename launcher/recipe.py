@@ -113,7 +113,7 @@ class TrainConfig:
     eval_at_start: bool = False
     # compute the loss from hidden states in chunks of this many target tokens, so a micro-batch's
     # [tokens x vocab] float32 logits never exist at once; 0: the model's full logits
-    loss_chunk_tokens: int = 0
+    loss_chunk_tokens: int = 1024
 
 
 @dataclass

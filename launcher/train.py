@@ -23,6 +23,7 @@ from launcher.data.tokenize import IGNORE
 from launcher.evaluate import evaluate
 from launcher.flops import MFU
 from launcher.logs import Console, MetricsLog
+from launcher.loss import applies as loss_chunks_apply
 from launcher.loss import chunked_token_loss_sum
 
 
@@ -165,6 +166,7 @@ def train(recipe, engine, dist, prepared, schedule: Schedule, tokenizer, run_dir
 
     classes = prepared.classes
     class_weights = classes.weights if classes is not None else None
+    chunk_tokens = t.loss_chunk_tokens if loss_chunks_apply(engine.unwrapped()) else 0
 
     def run_eval(step: int) -> dict:
         if prepared.eval is None:
@@ -186,7 +188,7 @@ def train(recipe, engine, dist, prepared, schedule: Schedule, tokenizer, run_dir
     for step in range(start_step, schedule.total_steps):
         batches = step_batches(prepared.train, schedule, step, dist.rank, pad_id, dist.device, class_weights)
         tick = time.perf_counter()
-        last = train_step(engine, batches, dist, t.max_grad_norm, t.loss_chunk_tokens)
+        last = train_step(engine, batches, dist, t.max_grad_norm, chunk_tokens)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         done = step + 1
