@@ -206,3 +206,13 @@ def test_plan_prints_packing(cache_dir):
     assert "packing      on: " in text and "at most 1024 tokens" in text  # micro 16 x max_seq_len 64
     off = load_recipe("recipes/quickstart.yaml", [f"data.cache_dir={cache_dir}", "data.packing=false"])
     assert "packing      off (data.packing: false)" in format_plan(make_plan(off), off)
+
+
+def test_example_lengths_follow_filtered_rows(tmp_path):
+    from datasets import Dataset
+
+    from launcher.data.packing import example_lengths
+
+    ds = Dataset.from_dict({"input_ids": [[1] * n for n in (5, 1, 7, 2, 9)]})
+    kept = ds.filter(lambda ids: len(ids) > 1, input_columns="input_ids", keep_in_memory=True).select([3, 0, 1], keep_in_memory=True)
+    assert example_lengths(kept) == [len(x) for x in kept["input_ids"]] == [9, 5, 7]

@@ -49,7 +49,10 @@ def example_lengths(dataset) -> List[int]:
     """Tokens per example, read from the Arrow column without decoding the token lists."""
     import pyarrow.compute as pc
 
-    return pc.list_value_length(dataset.data.column("input_ids")).to_pylist()
+    lengths = pc.list_value_length(dataset.data.column("input_ids"))
+    if dataset._indices is not None:  # filter/select leave a mapping onto the full table
+        lengths = lengths.take(dataset._indices.column(0))
+    return lengths.to_pylist()
 
 
 def deal_to_ranks(indices: Sequence[int], lengths: Sequence[int], world: int) -> List[List[int]]:
