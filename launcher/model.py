@@ -76,16 +76,20 @@ def head_config(sequence_labels: Optional[List[str]], pad_token_id: Optional[int
 
 
 def load_model(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, weights: bool = True,
-               sequence_labels: Optional[List[str]] = None, pad_token_id: Optional[int] = None):
+               sequence_labels: Optional[List[str]] = None, pad_token_id: Optional[int] = None, packing: bool = False):
     """The model from `path`; with weights=False its parameters are on the meta device (no memory,
     no file read) for an engine that fills them from another rank. Buffers stay real: some, such
     as rotary frequencies, are computed at construction and are not in the checkpoint.
-    `sequence_labels`: a sequence classifier with these classes (its head is new unless `path` has one)."""
+    `sequence_labels`: a sequence classifier with these classes (its head is new unless `path` has one).
+    `packing`: trained on packed rows, with attention that keeps their examples apart (launcher/attention.py)."""
     from transformers import AutoConfig
 
+    from launcher.attention import for_training
+
     kwargs = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code)
-    if cfg.attn_implementation:
-        kwargs["attn_implementation"] = cfg.attn_implementation
+    attn = for_training(cfg.attn_implementation, packing)
+    if attn:
+        kwargs["attn_implementation"] = attn
     cls = model_class(sequence_labels)
     config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **head_config(sequence_labels, pad_token_id))
     if weights:

@@ -15,6 +15,7 @@ import torch
 
 from launcher import hub, trackers
 from launcher.cache import cache_root
+from launcher.data import packing as packed
 from launcher.data.classify import sequence_labels
 from launcher.data.formats import FIELDS
 from launcher.data.prepare import FileStats, prepare
@@ -127,6 +128,16 @@ def check_lora(config, recipe: Recipe, labels=None) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def packed_attention_check(skeleton, recipe: Recipe) -> None:
+    """Packed rows need a model whose attention layers take transformers' attention interface and kwargs."""
+    if not getattr(type(skeleton), "_supports_attention_backend", False):
+        raise UserError(
+            f"data.packing: {type(skeleton).__name__} does not pass packed-row boundaries to its attention "
+            "(it does not support transformers' attention interface), so packed examples would attend to each other. "
+            "Set data.packing: false."
+        )
+
+
 def make_plan(recipe: Recipe, here: bool = True) -> Plan:
     """`here`: the workers start on this machine (sft plan, sft run), so its hardware counts; False
     for `sft submit`, whose job runs on other nodes."""
@@ -155,8 +166,12 @@ def make_plan(recipe: Recipe, here: bool = True) -> Plan:
     if (t.eval_every or t.eval_generate or t.eval_at_start) and prepared.eval is None:
         raise UserError("train.eval_every / eval_generate / eval_at_start need eval data: set data.eval_files or data.eval_fraction.")
     world = recipe.launch.nproc_per_node * recipe.launch.nnodes
+    packing = packed.enabled(recipe)
+    if packing:
+        packed_attention_check(skeleton, recipe)
     try:
-        schedule = make_schedule(t, recipe.seed, recipe.data.shuffle, len(prepared.train), world)
+        schedule = make_schedule(t, recipe.seed, recipe.data.shuffle, len(prepared.train), world,
+                                 packed.example_lengths(prepared.train), packed.budget(recipe) if packing else 0)
     except ValueError as e:
         raise UserError(str(e)) from None
     check_strategy(recipe, schedule.batches.accumulation)
@@ -259,6 +274,19 @@ def _weighted(recipe: Recipe) -> bool:
     return any(s.weight is not None or s.fraction is not None for s in recipe.data.sources)
 
 
+def _packing(recipe: Recipe, b) -> str:
+    from launcher.attention import for_training
+
+    if not b.pack_tokens:
+        why = "data.packing: false" if recipe.data.packing is False else (
+            "classification" if recipe.task.type == "classification" else f"model.attn_implementation {recipe.model.attn_implementation}")
+        return f"off ({why}); micro-batches group examples of similar length within each step"
+    attn = for_training(recipe.model.attn_implementation, True)
+    how = "sdpa per example" if attn == "sft_sdpa" else "eager per example" if attn == "sft_eager" else f"{attn} (varlen)"
+    return (f"on: each rank's examples of a step packed into padding-free rows of at most {b.pack_tokens} tokens, "
+            f"the same number per rank; attention {how}, never across examples")
+
+
 def format_plan(plan: Plan, recipe: Recipe) -> str:
     s, b = plan.schedule, plan.schedule.batches
     lines = [
@@ -288,6 +316,9 @@ def format_plan(plan: Plan, recipe: Recipe) -> str:
     skipped = plan.train_examples - b.steps_per_epoch * b.global_batch
     if skipped:
         lines.append(f"             {skipped} examples per epoch do not fill a global batch and are skipped (a different set each epoch when shuffled)")
+    lines.append(f"packing      {_packing(recipe, b)}")
+    if recipe.train.loss_chunk_tokens:
+        lines.append(f"loss         cross-entropy in chunks of {recipe.train.loss_chunk_tokens} target tokens (no full float32 logits)")
     lines += describe(plan.memory, *_gpu_memory(recipe))
     lines.append(f"output_dir   {recipe.output_dir}")
     return "\n".join(lines)

@@ -65,6 +65,13 @@ class DataConfig:
     # what to do with longer sequences: truncate | drop | error
     too_long: str = "truncate"
     shuffle: bool = True
+    # pack each rank's examples of a step into padding-free rows (unset: on for task.type sft, off for
+    # classification); attention never crosses examples (see README, Packing)
+    packing: Optional[bool] = None
+    # tokens per packed micro-batch; unset: train.micro_batch_size x max_seq_len (a full padded micro-batch)
+    pack_tokens: Optional[int] = None
+    # processes that tokenize (once per node, cached); unset: one per core for files of 20k rows or more
+    num_proc: Optional[int] = None
     # tokenized datasets and built-in models; default: $XDG_CACHE_HOME/sft-launcher
     cache_dir: Optional[str] = None
 
@@ -130,6 +137,9 @@ class TrainConfig:
     eval_generate_batch_size: int = 0
     # also evaluate before the first step, to see where training started from
     eval_at_start: bool = False
+    # compute the loss from hidden states in chunks of this many target tokens, so a micro-batch's
+    # [tokens x vocab] float32 logits never exist at once; 0: the model's full logits
+    loss_chunk_tokens: int = 1024
 
 
 @dataclass

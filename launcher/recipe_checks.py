@@ -85,6 +85,7 @@ def validate(recipe: Recipe) -> None:
             raise RecipeError("`lora.target_modules`: `all-linear` already selects every linear layer; give it alone or list names instead.")
     if recipe.task.type == "classification":
         _check_classification(recipe)
+    _check_packing(recipe)
     ck = recipe.checkpoint
     if ck.every_steps < 0 or ck.every_minutes < 0 or ck.keep_last < 1:
         raise RecipeError(
@@ -161,6 +162,30 @@ def _check_classification(recipe: Recipe) -> None:
             raise RecipeError("`task.class_weights` needs `task.labels` listed, so each weight has a known class.")
     if recipe.train.eval_generate:
         raise RecipeError("`train.eval_generate` is for sft; classification evaluates by scoring every label (eval_accuracy, eval_macro_f1). Remove it.")
+
+
+def _check_packing(recipe: Recipe) -> None:
+    from launcher.attention import PACKED, VARLEN, packs_cleanly
+
+    d = recipe.data
+    if d.pack_tokens is not None and d.pack_tokens < 1:
+        raise RecipeError(f"`data.pack_tokens` must be at least 1 (or unset for train.micro_batch_size x data.max_seq_len), got {d.pack_tokens}.")
+    if recipe.train.loss_chunk_tokens < 0:
+        raise RecipeError(f"`train.loss_chunk_tokens` must be >= 0 (0: off), got {recipe.train.loss_chunk_tokens}.")
+    if not d.packing:
+        return
+    if recipe.task.type == "classification":
+        raise RecipeError(
+            "`data.packing: true` with `task.type: classification`: a classifier reads each row's last token (or scores "
+            "labels per row), so its rows are not packed. Remove data.packing (classification batches are grouped by length)."
+        )
+    name = recipe.model.attn_implementation
+    if not packs_cleanly(name):
+        allowed = ", ".join(str(n) for n in [*(k for k in PACKED if k), *VARLEN]) + " or a kernels-hub flash kernel"
+        raise RecipeError(
+            f"`data.packing: true` with `model.attn_implementation: {name}`: that attention cannot keep the examples of a packed "
+            f"row apart, so they would attend to each other. Use one of {allowed}, or set data.packing: false."
+        )
 
 
 def _check_size(key: str, value: str) -> None:

@@ -18,10 +18,13 @@ import torch.nn.functional as F
 from transformers import get_scheduler
 
 from launcher.data.batches import BatchPlan, collate
+from launcher.data.packing import PACKED_KEYS
 from launcher.data.tokenize import IGNORE
 from launcher.evaluate import evaluate
 from launcher.flops import MFU
 from launcher.logs import Console, MetricsLog
+from launcher.loss import applies as loss_chunks_apply
+from launcher.loss import chunked_token_loss_sum
 
 
 @dataclass(frozen=True)
@@ -31,8 +34,9 @@ class Schedule:
     warmup_steps: int
 
 
-def make_schedule(train_cfg, seed: int, shuffle: bool, num_examples: int, world_size: int) -> Schedule:
-    """Batch arithmetic shared by `sft plan` and the workers. Raises ValueError with a user message."""
+def make_schedule(train_cfg, seed: int, shuffle: bool, num_examples: int, world_size: int, lengths=None, pack_tokens: int = 0) -> Schedule:
+    """Batch arithmetic shared by `sft plan` and the workers. Raises ValueError with a user message.
+    `lengths` (tokens per example) groups micro-batches by length, or packs them (`pack_tokens` > 0)."""
     micro = train_cfg.micro_batch_size
     if train_cfg.global_batch_size is not None:
         per_step = micro * world_size
@@ -44,7 +48,12 @@ def make_schedule(train_cfg, seed: int, shuffle: bool, num_examples: int, world_
         accumulation = train_cfg.global_batch_size // per_step
     else:
         accumulation = train_cfg.gradient_accumulation_steps or 1
-    batches = BatchPlan(num_examples, micro, accumulation, world_size, seed, shuffle)
+    if pack_tokens and lengths and max(lengths) > pack_tokens:
+        raise ValueError(
+            f"data.pack_tokens={pack_tokens} is smaller than the longest training example ({max(lengths)} tokens), which "
+            "would fit no packed micro-batch. Raise data.pack_tokens (unset, it is micro_batch_size x max_seq_len)."
+        )
+    batches = BatchPlan(num_examples, micro, accumulation, world_size, seed, shuffle, lengths, pack_tokens)
     if batches.steps_per_epoch == 0:
         raise ValueError(
             f"{num_examples} training examples do not fill one global batch of {batches.global_batch} "
@@ -55,9 +64,20 @@ def make_schedule(train_cfg, seed: int, shuffle: bool, num_examples: int, world_
     return Schedule(batches=batches, total_steps=total, warmup_steps=min(warmup, total))
 
 
-def token_loss_sum(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """Sum (not mean) of next-token cross-entropy over the target tokens of a batch."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+def model_inputs(batch: dict) -> dict:
+    """What the model is called with: a padded batch's mask, or a packed row's positions and boundaries
+    (never both: a mask would switch transformers' packed-row handling off)."""
+    if "attention_mask" in batch:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    return {k: batch[k] for k in PACKED_KEYS}
+
+
+def token_loss_sum(model: torch.nn.Module, batch: dict, chunk_tokens: int = 0) -> torch.Tensor:
+    """Sum (not mean) of next-token cross-entropy over the target tokens of a batch;
+    `chunk_tokens` > 0: computed chunk by chunk from the hidden states (launcher/loss.py)."""
+    if chunk_tokens > 0:
+        return chunked_token_loss_sum(model, model_inputs(batch), batch["labels"], chunk_tokens)
+    logits = model(**model_inputs(batch)).logits
     logits = logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
@@ -71,8 +91,8 @@ def class_loss_sum(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     return (per_row * batch["example_weights"]).sum()
 
 
-def loss_sum(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    return class_loss_sum(model, batch) if "class_ids" in batch else token_loss_sum(model, batch)
+def loss_sum(model: torch.nn.Module, batch: dict, chunk_tokens: int = 0) -> torch.Tensor:
+    return class_loss_sum(model, batch) if "class_ids" in batch else token_loss_sum(model, batch, chunk_tokens)
 
 
 def target_count(batch: dict) -> float:
@@ -83,29 +103,30 @@ def target_count(batch: dict) -> float:
 
 
 def step_batches(dataset, schedule: Schedule, step: int, rank: int, pad_id: int, device, class_weights=None) -> list:
-    out = []
+    out, packed = [], schedule.batches.pack_tokens > 0
     for indices in schedule.batches.micro_batches(step, rank):
-        out.append({k: v.to(device) for k, v in collate(dataset[indices], pad_id, class_weights).items()})
+        batch = collate(dataset[indices], pad_id, class_weights, packed=packed)
+        out.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
     return out
 
 
-def accumulate_gradients(engine, batches: list, dist) -> dict:
+def accumulate_gradients(engine, batches: list, dist, chunk_tokens: int = 0) -> dict:
     """Forward and backward over this rank's micro-batches of one step, normalised for the whole step."""
     local_targets = sum(target_count(b) for b in batches)
-    local_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    local_tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)
     n_targets, n_tokens = dist.all_reduce_sum(torch.tensor([float(local_targets), float(local_tokens)])).tolist()
     summed = torch.zeros((), dtype=torch.float64)
     for j, batch in enumerate(batches):
         with engine.accumulating(is_last_micro_batch=j == len(batches) - 1):
-            s = loss_sum(engine.model, batch)
+            s = loss_sum(engine.model, batch, chunk_tokens)
             engine.backward(s * (engine.grad_scale / n_targets))
         summed += s.detach().double().cpu()
     loss = float(dist.all_reduce_sum(summed)) / n_targets
     return {"loss": loss, "target_tokens": int(n_targets), "tokens": int(n_tokens)}
 
 
-def train_step(engine, batches: list, dist, max_grad_norm: float) -> dict:
-    stats = accumulate_gradients(engine, batches, dist)
+def train_step(engine, batches: list, dist, max_grad_norm: float, chunk_tokens: int = 0) -> dict:
+    stats = accumulate_gradients(engine, batches, dist, chunk_tokens)
     stats["grad_norm"] = engine.clip_and_step(max_grad_norm)
     return stats
 
@@ -145,6 +166,7 @@ def train(recipe, engine, dist, prepared, schedule: Schedule, tokenizer, run_dir
 
     classes = prepared.classes
     class_weights = classes.weights if classes is not None else None
+    chunk_tokens = t.loss_chunk_tokens if loss_chunks_apply(engine.unwrapped()) else 0
 
     def run_eval(step: int) -> dict:
         if prepared.eval is None:
@@ -166,7 +188,7 @@ def train(recipe, engine, dist, prepared, schedule: Schedule, tokenizer, run_dir
     for step in range(start_step, schedule.total_steps):
         batches = step_batches(prepared.train, schedule, step, dist.rank, pad_id, dist.device, class_weights)
         tick = time.perf_counter()
-        last = train_step(engine, batches, dist, t.max_grad_norm)
+        last = train_step(engine, batches, dist, t.max_grad_norm, chunk_tokens)
         lr = scheduler.get_last_lr()[0]
         skipped = not engine.step_applied()
         if not skipped:  # a step DeepSpeed skipped (fp16 overflow) does not advance the schedule, as in HF Trainer

@@ -41,6 +41,7 @@ def run(recipe, dist, stop=None) -> dict:
 
     from launcher import engines, resume, rundir
     from launcher.cache import cache_root
+    from launcher.data import packing as packed
     from launcher.data.classify import sequence_labels
     from launcher.data.prepare import data_files, prepare
     from launcher.logs import MetricsLog
@@ -60,7 +61,9 @@ def run(recipe, dist, stop=None) -> dict:
         path = model_dir(recipe.model, cache)
         tokenizer = load_tokenizer(path, recipe.model)
         prepared = prepare(recipe.data, tokenizer, cache, recipe.seed, recipe.task)
-    schedule = make_schedule(recipe.train, recipe.seed, recipe.data.shuffle, len(prepared.train), dist.world_size)
+    packing = packed.enabled(recipe)
+    schedule = make_schedule(recipe.train, recipe.seed, recipe.data.shuffle, len(prepared.train), dist.world_size,
+                             packed.example_lengths(prepared.train), packed.budget(recipe) if packing else 0)
     resumed = resume.start_checkpoint(recipe)
     start_step, init_from = 0, None
     continuing = resumed is not None and resume.continues(recipe, resumed)
@@ -85,7 +88,7 @@ def run(recipe, dist, stop=None) -> dict:
         # FSDP: only rank 0 reads the weights; it scatters them into the shards after wrapping.
         classes = prepared.classes
         hf_model = load_model(path, recipe.model, dtype, dist.device, weights=not fsdp or dist.rank == 0,
-                              sequence_labels=sequence_labels(classes), pad_token_id=tokenizer.pad_token_id)
+                              sequence_labels=sequence_labels(classes), pad_token_id=tokenizer.pad_token_id, packing=packing)
         if recipe.model.gradient_checkpointing:
             # peft + ZeRO-3 + non-reentrant checkpointing raises CheckpointError (DESIGN.md, known traps).
             enable_gradient_checkpointing(hf_model, reentrant=recipe.lora.enabled and deepspeed and st.zero_stage == 3)

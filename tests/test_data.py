@@ -164,3 +164,17 @@ def test_parquet_csv_and_json_files(tmp_path, tok, suffix):
     {".parquet": ds.to_parquet, ".csv": ds.to_csv, ".json": lambda p: ds.to_json(p, lines=False)}[suffix](str(path))
     p = prepare(DataConfig(train_files=[str(path)], format="completion"), tok, tmp_path / "cache", seed=0)
     assert len(p.train) == 2 and tok.decode(p.train[1]["input_ids"]).endswith("3+3= 6" + tok.eos_token)
+
+
+def test_parallel_tokenization_gives_the_same_rows_and_row_errors(tmp_path, tok):
+    """data.num_proc: batched tokenization in worker processes, row for row as in one process."""
+    rows = [{"messages": [{"role": "user", "content": f"q {i}"}, {"role": "assistant", "content": "a " * (i % 7 + 1)}]} for i in range(40)]
+    one = _prepare(tmp_path, tok, rows, num_proc=1)
+    path = tmp_path / "d.jsonl"
+    two = prepare(DataConfig(train_files=[str(path)], num_proc=2), tok, tmp_path / "cache2", seed=0)
+    assert two.train["input_ids"] == one.train["input_ids"] and two.train["labels"] == one.train["labels"]
+    assert two.train["input_ids"][3] == tokenize_conversation(tok, rows[3]["messages"])["input_ids"]
+    bad = rows + [{"messages": [{"role": "robot", "content": "x"}]}]
+    _write(path, bad)
+    with pytest.raises(DataError, match=r"row 41: message 0 has role 'robot'"):
+        prepare(DataConfig(train_files=[str(path)], num_proc=2), tok, tmp_path / "cache3", seed=0)

@@ -10,9 +10,9 @@ from conftest import REPO
 HELPER = str(REPO / "tests" / "helpers" / "grads.py")
 
 
-def _grads(tmp_path, cache_dir, micro, accum, nproc=1):
-    out = tmp_path / f"g-{micro}-{accum}-{nproc}.pt"
-    cmd = [sys.executable, HELPER, str(out), str(micro), str(accum), str(cache_dir)]
+def _grads(tmp_path, cache_dir, micro, accum, nproc=1, packed=False):
+    out = tmp_path / f"g-{micro}-{accum}-{nproc}-{packed}.pt"
+    cmd = [sys.executable, HELPER, str(out), str(micro), str(accum), str(cache_dir), *(["packed"] if packed else [])]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd[1:]]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -28,11 +28,13 @@ def test_gradients_agree_across_micro_batch_accumulation_and_ranks(tmp_path, cac
     one_batch = _grads(tmp_path, cache_dir, micro=4, accum=1)
     accumulated = _grads(tmp_path, cache_dir, micro=1, accum=4)
     two_ranks = _grads(tmp_path, cache_dir, micro=2, accum=1, nproc=2)
+    # packed: each rank's two examples in one padding-free row (rank 0: examples 1 and 0, rank 1: 2 and 3)
+    packed_two_ranks = _grads(tmp_path, cache_dir, micro=2, accum=1, nproc=2, packed=True)
     scale = max(g.abs().max().item() for g in one_batch["grads"].values())
     assert scale > 0
-    assert _max_diff(one_batch, accumulated) < 1e-5 * max(scale, 1.0)
-    assert _max_diff(one_batch, two_ranks) < 1e-5 * max(scale, 1.0)
-    assert abs(one_batch["loss"] - accumulated["loss"]) < 1e-5 and abs(one_batch["loss"] - two_ranks["loss"]) < 1e-5
+    for other in (accumulated, two_ranks, packed_two_ranks):
+        assert _max_diff(one_batch, other) < 1e-5 * max(scale, 1.0)
+        assert abs(one_batch["loss"] - other["loss"]) < 1e-5
 
 
 def test_a_per_micro_batch_mean_would_differ(tmp_path, cache_dir):

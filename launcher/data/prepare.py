@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from launcher.data import classify, sources
 from launcher.data.digest import file_digest
 from launcher.data.formats import to_example
 from launcher.data.stats import row_lengths
-from launcher.data.tokenize import TemplateError, tokenize_completion, too_long_status, tokenize_conversation
+from launcher.data.tokenize import TemplateError, assistant_spans, tokenize_completion, tokenize_rendered, too_long_status
 from launcher.errors import DataError
 from launcher.recipe import DataConfig
 
@@ -102,17 +103,10 @@ def fingerprint(digest: str, cfg: DataConfig, tokenizer, is_eval: bool, classes:
 
 
 def _tokenize_fn(cfg: DataConfig, tokenizer, file: str, too_long: str):
+    """A batched map function: chat templates are rendered row by row, their texts tokenized together."""
     has_template = bool(tokenizer.chat_template)
 
-    def fn(row: Dict, index: int) -> Dict:
-        example = to_example(cfg.format, row, file, index, has_template)
-        if "messages" in example:
-            try:
-                enc = tokenize_conversation(tokenizer, example["messages"], example.get("tools"))
-            except TemplateError as e:
-                raise DataError(f"{file}, row {index + 1}: {e}.") from None
-        else:
-            enc = tokenize_completion(tokenizer, example["prompt"], example["completion"])
+    def finish(enc: Dict, index: int) -> Dict:
         status = "ok"
         if len(enc["input_ids"]) > cfg.max_seq_len:
             status = too_long_status(file, index, len(enc["input_ids"]), cfg.max_seq_len, too_long)
@@ -125,14 +119,40 @@ def _tokenize_fn(cfg: DataConfig, tokenizer, file: str, too_long: str):
             status = "dropped_no_target"
         return {**enc, "status": status, "n_targets": n_targets}
 
+    def fn(rows: Dict[str, list], indices: List[int]) -> Dict[str, list]:
+        encs: List[Optional[Dict]] = [None] * len(indices)
+        rendered = []
+        for j, index in enumerate(indices):
+            example = to_example(cfg.format, {k: v[j] for k, v in rows.items()}, file, index, has_template)
+            if "messages" in example:
+                try:
+                    rendered.append((j, assistant_spans(tokenizer, example["messages"], example.get("tools"))))
+                except TemplateError as e:
+                    raise DataError(f"{file}, row {index + 1}: {e}.") from None
+            else:
+                encs[j] = tokenize_completion(tokenizer, example["prompt"], example["completion"])
+        for (j, _), enc in zip(rendered, tokenize_rendered(tokenizer, [r for _, r in rendered])):
+            encs[j] = enc
+        done = [finish(enc, index) for enc, index in zip(encs, indices)]
+        return {k: [d[k] for d in done] for k in done[0]}
+
     return fn
 
 
 def _classify_fn(cfg: DataConfig, task, tokenizer, classes: classify.Classes, file: str, too_long: str):
-    def fn(row: Dict, index: int) -> Dict:
-        return classify.tokenize_row(row, index, file, task, tokenizer, classes, cfg.max_seq_len, too_long)
+    def fn(rows: Dict[str, list], indices: List[int]) -> Dict[str, list]:
+        done = [classify.tokenize_row({k: v[j] for k, v in rows.items()}, index, file, task, tokenizer, classes, cfg.max_seq_len, too_long)
+                for j, index in enumerate(indices)]
+        return {k: [d[k] for d in done] for k in done[0]}
 
     return fn
+
+
+def _num_proc(cfg: DataConfig, rows: int) -> Optional[int]:
+    """data.num_proc, or (unset) one process per core for files big enough to repay starting them."""
+    if cfg.num_proc is not None:
+        return cfg.num_proc if cfg.num_proc > 1 else None
+    return min(os.cpu_count() or 1, 16) if rows >= 20_000 and (os.cpu_count() or 1) > 1 else None
 
 
 def tokenize_file(path: str, raw: Dataset, digest: str, cfg: DataConfig, tokenizer, cache: Path, is_eval: bool = False, classes=None, task=None,
@@ -151,6 +171,9 @@ def tokenize_file(path: str, raw: Dataset, digest: str, cfg: DataConfig, tokeniz
     ds = raw.map(
         fn,
         with_indices=True,
+        batched=True,
+        batch_size=256,
+        num_proc=_num_proc(cfg, len(raw)),
         remove_columns=raw.column_names,
         cache_file_name=str(cache_file),
         new_fingerprint=fp,

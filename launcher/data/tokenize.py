@@ -51,9 +51,18 @@ def assistant_spans(tokenizer, messages: List[dict], tools=None) -> Tuple[str, L
 
 
 def tokenize_conversation(tokenizer, messages: List[dict], tools=None) -> Dict[str, List[int]]:
-    text, spans = assistant_spans(tokenizer, messages, tools)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    return tokenize_rendered(tokenizer, [assistant_spans(tokenizer, messages, tools)])[0]
+
+
+def tokenize_rendered(tokenizer, rendered: List[Tuple[str, List[Tuple[int, int]]]]) -> List[Dict[str, List[int]]]:
+    """Conversations rendered by assistant_spans, tokenized in one batched (Rust-parallel) call."""
+    if not rendered:
+        return []
+    enc = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    return [_mask_spans(ids, offsets, spans) for ids, offsets, (_, spans) in zip(enc["input_ids"], enc["offset_mapping"], rendered)]
+
+
+def _mask_spans(ids: List[int], offsets, spans) -> Dict[str, List[int]]:
     labels = [IGNORE] * len(ids)
     # The final reply's tokens, for exact-match evaluation by generation.
     last = (0, 0)
