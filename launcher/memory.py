@@ -34,6 +34,7 @@ class Setup:
     heads: int
     vocab: int  # 0: a classification head (no [seq, vocab] logits)
     seq_len: int
+    loss_chunk_tokens: int  # chunked cross-entropy: the logits of this many tokens exist at once (0: all)
     eager_attention: bool  # eager attention keeps [heads, seq, seq] scores; sdpa/flash do not
     backend: str
     zero_stage: int
@@ -105,7 +106,8 @@ def estimate(s: Setup) -> Memory:
     else:
         activations = s.layers * per_layer
     # head output, its fp32 copy (none when already fp32), log-softmax saved for backward, and its gradient
-    logits = tokens * s.vocab * (compute + (4 if compute != 4 else 0) + 8)
+    logit_tokens = min(tokens, s.loss_chunk_tokens) if s.loss_chunk_tokens else tokens
+    logits = logit_tokens * s.vocab * (compute + (4 if compute != 4 else 0) + 8)
     return Memory(params, grads, optimizer, master, gathered, activations, logits, cpu)
 
 

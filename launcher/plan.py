@@ -200,7 +200,7 @@ def make_plan(recipe: Recipe, here: bool = True) -> Plan:
         files=prepared.stats,
         mixture=prepared.mixture,
         padding=padding_waste(schedule.batches, train_lengths),
-        memory=memory_setup(recipe, config, skeleton, params, trainable, schedule.batches.micro_batch_size, world, labels is not None,
+        memory=memory_setup(recipe, config, skeleton, params, trainable, schedule.batches, world, labels is not None,
                             int(train_lengths.max())),
     )
 
@@ -215,8 +215,11 @@ def _gpu_memory(recipe: Recipe) -> tuple:
     return None, None
 
 
-def memory_setup(recipe: Recipe, config, skeleton, params: int, trainable, micro: int, world: int, sequence_head: bool, longest: int):
-    """`longest`: the longest training row; a micro-batch is padded to its longest row, so no step is longer."""
+def memory_setup(recipe: Recipe, config, skeleton, params: int, trainable, batches, world: int, sequence_head: bool, longest: int):
+    """`longest`: the longest training row; a padded micro-batch is padded to its longest row, so no step is
+    longer. A packed micro-batch holds up to pack_tokens = micro batch x a row's tokens, planned as full."""
+    micro = batches.micro_batch_size
+    row = recipe.data.max_seq_len if batches.pack_tokens else min(longest, recipe.data.max_seq_len)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = text.hidden_size
     heads = getattr(text, "num_attention_heads", 1)
@@ -232,7 +235,7 @@ def memory_setup(recipe: Recipe, config, skeleton, params: int, trainable, micro
         params=params, lora_trainable=lora16, weight_bytes=4 if dtype == "float32" else 2,
         layers=text.num_hidden_layers, hidden=hidden, kv_hidden=getattr(text, "num_key_value_heads", heads) * head_dim,
         intermediate=getattr(text, "intermediate_size", 4 * hidden), heads=heads,
-        vocab=0 if sequence_head else text.vocab_size, seq_len=min(longest, recipe.data.max_seq_len),
+        vocab=0 if sequence_head else text.vocab_size, seq_len=row, loss_chunk_tokens=0 if sequence_head else recipe.train.loss_chunk_tokens,
         eager_attention=recipe.model.attn_implementation == "eager", backend=st.backend, zero_stage=st.zero_stage,
         offload_optimizer=st.offload_optimizer and st.backend == "deepspeed",
         offload_params=(st.offload_params and st.backend == "deepspeed") or (st.cpu_offload and st.backend == "fsdp"),
@@ -312,7 +315,8 @@ def format_plan(plan: Plan, recipe: Recipe) -> str:
             lines.append(f"               {length_summary(f.lengths)}; {100 * f.target_tokens / max(int(f.lengths.sum()), 1):.0f}% of its tokens are trained targets")
     for m in plan.mixture if plan.mixture and len(plan.mixture) > 1 or _weighted(recipe) else []:
         lines.append(f"             mixture: {m.label}: {m.rows} rows, {m.tokens:,} tokens, {100 * m.share:.1f}% of the mixture")
-    lines.append(f"             padding: {100 * plan.padding:.0f}% of the planned micro-batches' token slots (each padded to its longest row)")
+    how = "packed rows" if b.pack_tokens else "each padded to its longest row"
+    lines.append(f"             padding: {100 * plan.padding:.0f}% of the planned micro-batches' token slots ({how})")
     skipped = plan.train_examples - b.steps_per_epoch * b.global_batch
     if skipped:
         lines.append(f"             {skipped} examples per epoch do not fill a global batch and are skipped (a different set each epoch when shuffled)")

@@ -66,10 +66,13 @@ def test_padding_share_is_what_training_pads(tmp_path, cache_dir):
     rows[5]["prompt"] = "w " * 200  # dropped as too long: not in the statistics
     data = tmp_path / "varied.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", [f"data.cache_dir={cache_dir}", f"data.train_files=[{data}]",
+    recipe_args = [f"data.cache_dir={cache_dir}", f"data.train_files=[{data}]",
                          "data.eval_files=[]", "data.eval_fraction=0.25", "data.too_long=drop", "data.max_seq_len=40", "data.format=completion", "train.micro_batch_size=4", "train.eval_every=0",
-                         "train.eval_generate=0", "train.eval_at_start=false", "launch.nproc_per_node=2"])
+                         "train.eval_generate=0", "train.eval_at_start=false", "launch.nproc_per_node=2"]
+    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", [*recipe_args, "data.packing=false"])
     plan = make_plan(recipe)
+    packed = make_plan(load_recipe(REPO / "recipes" / "quickstart.yaml", [*recipe_args, "data.packing=true"]))
+    assert packed.padding == 0.0
     from launcher.data.prepare import prepare
     from launcher.model import load_tokenizer, model_dir
     from launcher.cache import cache_root

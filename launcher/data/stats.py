@@ -19,14 +19,16 @@ def length_summary(lengths: np.ndarray) -> str:
     return f"tokens per row median {np.median(lengths):.0f}, p95 {np.percentile(lengths, 95):.0f}, max {lengths.max()}"
 
 
-def padding_waste(batches, lengths: np.ndarray) -> float:
+def padding_waste(batches, lengths: np.ndarray, max_steps: int = 200) -> float:
     """The share of the micro-batches' token slots that are padding over the first epoch's planned
-    steps on every rank (each micro-batch is padded to its longest row). A step's global batch is a
-    contiguous slice of the epoch order, and each rank's share cuts into consecutive micro-batches
-    (data/batches.py), so the epoch's micro-batches are consecutive runs of micro_batch_size."""
-    m = batches.micro_batch_size
-    used = batches.steps_per_epoch * batches.global_batch
-    if used == 0:
-        return 0.0
-    rows = lengths[np.asarray(batches.epoch_order(0)[:used])].reshape(-1, m)
-    return 1 - rows.sum() / (m * rows.max(axis=1).sum())
+    steps on every rank (up to `max_steps` of them), taken from the batch plan itself
+    (data/batches.py): a padded micro-batch pads each row to its longest, a packed one is a single
+    padding-free row."""
+    slots = real = 0
+    for step in range(min(batches.steps_per_epoch, max_steps)):
+        for rank in range(batches.world_size):
+            for micro in batches.micro_batches(step, rank):
+                sizes = lengths[np.asarray(micro, dtype=np.int64)] if micro else np.zeros(0, dtype=np.int64)
+                real += int(sizes.sum())
+                slots += int(sizes.sum()) if batches.pack_tokens else int(sizes.max(initial=0)) * len(micro)
+    return 1 - real / slots if slots else 0.0
