@@ -90,4 +90,5 @@ def test_every_family_trains_on_two_ranks_on_fsdp_and_zero3_and_exports(small_da
         assert (out / "final" / "config.json").is_file() and list((out / "final").glob("*.safetensors")), r
         losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(x)]
         assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses), r
+        assert not r["zero3_leaked"], r  # run() again in one process: no ZeRO-3 state left from the cell before
         assert r["max_abs_logit_diff"] <= r["tolerance"], r  # the export against the live model (export.py also checks this)

@@ -9,7 +9,10 @@ import gc
 import json
 import math
 import sys
+import time
 from pathlib import Path
+
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from launcher import dist as dist_mod
 from launcher.recipe import load_recipe
@@ -34,8 +37,11 @@ def main(spec_path: str) -> int:
     results = []
     for cell, recipe in zip(spec["cells"], recipes):
         print(f"arch-matrix: training {cell['family']} on {cell['engine']} ({'LoRA' if cell['lora'] else 'full'})", file=sys.stderr, flush=True)
+        # An earlier ZeRO-3 cell's HfDeepSpeedConfig must be gone, or from_pretrained would partition this model too.
+        leaked = is_deepspeed_zero3_enabled()
+        tick = time.perf_counter()
         result = run(recipe, dist)
-        results.append({**cell, "final_loss": result["final_loss"]})
+        results.append({**cell, "final_loss": result["final_loss"], "zero3_leaked": leaked, "train_s": round(time.perf_counter() - tick, 1)})
         gc.collect()  # this cell's engine, shards and optimizer state
     dist_mod.shutdown()
     if dist.is_main:  # after the group is gone, as the worker does: an export must not race a peer's collective timeout
