@@ -147,3 +147,23 @@ def test_a_step_meets_on_its_own_first_node(cluster):
     endpoint = f"launch.rdzv_endpoint=n1:{two[0][2]}"
     assert sorted(r[3] for r in two) == [["launch.nnodes=2", f"launch.node_rank={i}", endpoint] for i in (0, 1)]
 
+
+
+@pytest.mark.slow
+def test_the_sft_run_example_script_runs_one_sft_run_per_node(cluster, tmp_path, cache_dir):
+    """slurm/sft-run.sbatch as shipped, less its GPU and CPU requests (the loopback nodes have 2 CPUs
+    and no GPUs; SLURM_GPUS_ON_NODE=1 stands in for the GPU count): plan, then one `sft run` per node."""
+    script = tmp_path / "sft-run.sbatch"
+    script.write_text("".join(line for line in (REPO / "slurm/sft-run.sbatch").read_text().splitlines(keepends=True)
+                              if not line.startswith(("#SBATCH --gpus-per-node", "#SBATCH --cpus-per-task"))))
+    run_dir = tmp_path / "run"
+    args = [QUICKSTART, f"output_dir={run_dir}", f"data.cache_dir={cache_dir}", "train.max_steps=2", "train.eval_generate=0",
+            "train.eval_every=0", "train.eval_at_start=false", "logging.every_steps=1"]
+    env = {**os.environ, **cluster, "SLURM_GPUS_ON_NODE": "1"}
+    proc = subprocess.run(["sbatch", f"--output={tmp_path}/slurm-%j.out", str(script), *args], cwd=REPO, env=env, capture_output=True, text=True)
+    job = re.search(r"Submitted batch job (\d+)", proc.stdout).group(1)
+    state = slurm_cluster.wait_until_done(job, cluster)
+    log = (tmp_path / f"slurm-{job}.out").read_text()
+    assert state == "COMPLETED", log[-3000:]
+    assert "world size 2 (1 per node x 2 nodes)" in log and "done: final train loss" in log
+    assert json.loads((run_dir / "final" / "export.json").read_text())["step"] == 2
