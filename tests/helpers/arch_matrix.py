@@ -1,7 +1,7 @@
 """Train every (family, engine, lora) cell of the architecture matrix in ONE 2-rank process, then
 export each on rank 0: `python -m torch.distributed.run --standalone --nproc_per_node 2 arch_matrix.py SPEC`.
 
-SPEC (JSON): {"data": file, "cache": dir, "cells": [{"family", "engine", "lora", "standin", "out"}]}.
+SPEC (JSON): {"cells": [{"family", "engine", "lora", "out", "overrides": [key=value, ...] on recipes/quickstart.yaml]}]}.
 One process pays torch/transformers/DeepSpeed imports and the process group once for all cells.
 Rank 0 writes RESULT (SPEC's name + .result.json): each cell's losses and its export report."""
 
@@ -19,20 +19,12 @@ from launcher.recipe import load_recipe
 from launcher.worker import _quiet_libraries, export_final, run
 
 REPO = Path(__file__).resolve().parents[2]
-ENGINES = {"fsdp": ["strategy.backend=fsdp"], "zero3": ["strategy.backend=deepspeed", "strategy.zero_stage=3"]}
-
-
-def overrides(cell: dict, data: str, cache: str) -> list:
-    return ["model.path=" + cell["standin"], f"data.train_files=[{data}]", "data.eval_files=[]", "data.eval_fraction=0.1", "data.max_seq_len=256",
-            f"data.cache_dir={cache}", f"output_dir={cell['out']}", "train.micro_batch_size=4", "train.max_steps=2", "train.eval_generate=0",
-            "train.eval_at_start=false", "train.eval_every=0", "logging.every_steps=1", "launch.nproc_per_node=2", "export.verify_prompts=2",
-            f"lora.enabled={str(cell['lora']).lower()}", *ENGINES[cell["engine"]]]
 
 
 def main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     _quiet_libraries()
-    recipes = [load_recipe(REPO / "recipes/quickstart.yaml", overrides(c, spec["data"], spec["cache"])) for c in spec["cells"]]
+    recipes = [load_recipe(REPO / "recipes/quickstart.yaml", c["overrides"]) for c in spec["cells"]]
     dist = dist_mod.init(600)
     results = []
     for cell, recipe in zip(spec["cells"], recipes):
