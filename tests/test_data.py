@@ -178,3 +178,33 @@ def test_parallel_tokenization_gives_the_same_rows_and_row_errors(tmp_path, tok)
     _write(path, bad)
     with pytest.raises(DataError, match=r"row 41: message 0 has role 'robot'"):
         prepare(DataConfig(train_files=[str(path)], num_proc=2), tok, tmp_path / "cache3", seed=0)
+
+
+def test_data_is_tokenized_once_per_shared_cache_and_once_per_node_local_cache(tmp_path):
+    """Two real processes (two nodes' launchers) start tokenizing the same file at once: into a shared
+    cache, one tokenizes and the other waits for the lock and reads its Arrow file; into node-local
+    caches, each tokenizes its own once."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join((REPO / "recipes/data/quickstart/train.jsonl").read_text().splitlines(keepends=True)[:60]))
+    rows = len(data.read_text().splitlines())
+    shared, local_a, local_b, go = tmp_path / "shared", tmp_path / "node-a", tmp_path / "node-b", tmp_path / "go"
+    helper = REPO / "tests/helpers/prepare_once.py"
+    procs = [subprocess.Popen([sys.executable, str(helper), str(data), str(go), str(tmp_path / f"{n}.json"), str(shared), str(local)],
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+             for n, local in (("a", local_a), ("b", local_b))]
+    while not all((tmp_path / f"{n}.json.ready").exists() for n in "ab") and all(p.poll() is None for p in procs):
+        time.sleep(0.05)
+    go.touch()
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read()[-3000:]
+    counts = [json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab"]
+    assert sorted(c[str(shared)] for c in counts) == [0, rows]  # one process tokenized, the other read its cache
+    assert counts[0][str(local_a)] == rows and counts[1][str(local_b)] == rows
+    assert [p.name for p in (shared / "tokenized").iterdir() if p.suffix == ".arrow"] and not list((shared / "tokenized").glob("tmp*"))

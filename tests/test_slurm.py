@@ -147,3 +147,26 @@ def test_a_step_meets_on_its_own_first_node(cluster):
     endpoint = f"launch.rdzv_endpoint=n1:{two[0][2]}"
     assert sorted(r[3] for r in two) == [["launch.nnodes=2", f"launch.node_rank={i}", endpoint] for i in (0, 1)]
 
+
+
+@pytest.mark.slow
+def test_the_example_scripts_run_sft_run_and_torchrun_per_node(cluster, tmp_path, cache_dir):
+    """slurm/sft-run.sbatch and slurm/torchrun.sbatch as shipped, less their GPU and CPU requests (the
+    loopback nodes have 2 CPUs and no GPUs; SLURM_GPUS_ON_NODE=1 stands in for the GPU count): plan,
+    then one `sft run` (or torchrun) per node. Both jobs run at once, sharing the two nodes."""
+    env = {**os.environ, **cluster, "SLURM_GPUS_ON_NODE": "1"}
+    jobs = {}
+    for name in ("sft-run", "torchrun"):
+        script = tmp_path / f"{name}.sbatch"
+        script.write_text("".join(line for line in (REPO / f"slurm/{name}.sbatch").read_text().splitlines(keepends=True)
+                                  if not line.startswith(("#SBATCH --gpus-per-node", "#SBATCH --cpus-per-task"))))
+        args = [QUICKSTART, f"output_dir={tmp_path / name}", f"data.cache_dir={cache_dir}", "train.max_steps=2", "train.eval_generate=0",
+                "train.eval_every=0", "train.eval_at_start=false", "logging.every_steps=1"]
+        proc = subprocess.run(["sbatch", f"--output={tmp_path}/{name}-%j.out", str(script), *args], cwd=REPO, env=env, capture_output=True, text=True)
+        jobs[name] = re.search(r"Submitted batch job (\d+)", proc.stdout).group(1)
+    for name, job in jobs.items():
+        state = slurm_cluster.wait_until_done(job, cluster)
+        log = (tmp_path / f"{name}-{job}.out").read_text()
+        assert state == "COMPLETED", log[-3000:]
+        assert "world size 2 (1 per node x 2 nodes)" in log and "done: final train loss" in log, log[-3000:]
+        assert json.loads((tmp_path / name / "final" / "export.json").read_text())["step"] == 2

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional
 import datasets
 import torch
 from datasets import Dataset, concatenate_datasets
+from filelock import FileLock
 
 from launcher.data import classify, sources
 from launcher.data.digest import file_digest
@@ -168,17 +169,20 @@ def tokenize_file(path: str, raw: Dataset, digest: str, cfg: DataConfig, tokeniz
         fn = _classify_fn(cfg, task, tokenizer, classes, label, too_long)
     else:
         fn = _tokenize_fn(cfg, tokenizer, label, too_long)
-    ds = raw.map(
-        fn,
-        with_indices=True,
-        batched=True,
-        batch_size=256,
-        num_proc=_num_proc(cfg, len(raw)),
-        remove_columns=raw.column_names,
-        cache_file_name=str(cache_file),
-        new_fingerprint=fp,
-        desc=f"tokenizing {Path(label).name}",
-    )
+    # One process tokenizes each cache entry: the others (ranks, and nodes sharing the cache) wait here
+    # and then load its Arrow file, which datasets writes under a temp name and renames into place.
+    with FileLock(str(cache_file) + ".lock"):
+        ds = raw.map(
+            fn,
+            with_indices=True,
+            batched=True,
+            batch_size=256,
+            num_proc=_num_proc(cfg, len(raw)),
+            remove_columns=raw.column_names,
+            cache_file_name=str(cache_file),
+            new_fingerprint=fp,
+            desc=f"tokenizing {Path(label).name}",
+        )
     counts = Counter(ds["status"])
     kept = ds.filter(lambda s: s in ("ok", "truncated"), input_columns="status", keep_in_memory=True)
     stats = FileStats(
