@@ -5,7 +5,7 @@
 What runs (every run: the same ~10M-parameter Llama built locally from a seed, fp32, sdpa,
 `--nproc` gloo ranks, one epoch, global batch 16 = micro 4 x accumulation 2 x 2 ranks, AdamW
 lr 1e-3, cosine, no warmup, the same seed):
-  ours packed   `sft run` with data.packing true (the default for sft)
+  ours packed   `sft run` with data.packing true (what unset picks on this skewed data)
   ours padded   `sft run` with data.packing false (micro-batches grouped by length within a step)
   trl padded    SFTTrainer, padding to the longest row of each micro-batch
   trl packed    SFTTrainer with packing_strategy bfd (padding-free rows of max_length tokens; TRL

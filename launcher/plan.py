@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List
 
+import numpy as np
 import torch
 
 from launcher import hub, trackers
@@ -46,6 +47,7 @@ class Plan:
     mixture: list = None  # data.sources.Share per training source
     memory: "object | None" = None  # memory.Setup: what decides a rank's memory
     padding: float = 0.0  # share of the planned micro-batches' token slots that are padding
+    unpacked_padding: float = 0.0  # the same without packing (what data.packing unset decides on)
 
 
 def _model_config(path: Path, recipe: Recipe, labels=None, pad_token_id=None):
@@ -166,12 +168,14 @@ def make_plan(recipe: Recipe, here: bool = True) -> Plan:
     if (t.eval_every or t.eval_generate or t.eval_at_start) and prepared.eval is None:
         raise UserError("train.eval_every / eval_generate / eval_at_start need eval data: set data.eval_files or data.eval_fraction.")
     world = recipe.launch.nproc_per_node * recipe.launch.nnodes
-    packing = packed.enabled(recipe)
-    if packing:
-        packed_attention_check(skeleton, recipe)
+    lengths = packed.example_lengths(prepared.train)
     try:
-        schedule = make_schedule(t, recipe.seed, recipe.data.shuffle, len(prepared.train), world,
-                                 packed.example_lengths(prepared.train), packed.budget(recipe) if packing else 0)
+        schedule = make_schedule(t, recipe.seed, recipe.data.shuffle, len(prepared.train), world, lengths)
+        unpacked_padding = padding_waste(schedule.batches, np.asarray(lengths))
+        packing = packed.enabled(recipe, unpacked_padding)
+        if packing:
+            packed_attention_check(skeleton, recipe)
+            schedule = make_schedule(t, recipe.seed, recipe.data.shuffle, len(prepared.train), world, lengths, packed.budget(recipe))
     except ValueError as e:
         raise UserError(str(e)) from None
     check_strategy(recipe, schedule.batches.accumulation)
@@ -200,6 +204,7 @@ def make_plan(recipe: Recipe, here: bool = True) -> Plan:
         files=prepared.stats,
         mixture=prepared.mixture,
         padding=padding_waste(schedule.batches, train_lengths),
+        unpacked_padding=unpacked_padding,
         memory=memory_setup(recipe, config, skeleton, params, trainable, schedule.batches, world, labels is not None,
                             int(train_lengths.max())),
     )
@@ -277,12 +282,15 @@ def _weighted(recipe: Recipe) -> bool:
     return any(s.weight is not None or s.fraction is not None for s in recipe.data.sources)
 
 
-def _packing(recipe: Recipe, b) -> str:
+def _packing(recipe: Recipe, b, unpacked_padding: float) -> str:
     from launcher.attention import for_training
 
     if not b.pack_tokens:
         why = "data.packing: false" if recipe.data.packing is False else (
-            "classification" if recipe.task.type == "classification" else f"model.attn_implementation {recipe.model.attn_implementation}")
+            "classification" if recipe.task.type == "classification" else
+            f"model.attn_implementation {recipe.model.attn_implementation}" if not packed.allowed(recipe) else
+            f"data.packing unset and padded micro-batches are only {100 * unpacked_padding:.0f}% padding, "
+            f"under {100 * packed.AUTO_MIN_PADDING:.0f}%: packing would save little")
         return f"off ({why}); micro-batches group examples of similar length within each step"
     attn = for_training(recipe.model.attn_implementation, True)
     how = "sdpa per example" if attn == "sft_sdpa" else "eager per example" if attn == "sft_eager" else f"{attn} (varlen)"
@@ -320,7 +328,7 @@ def format_plan(plan: Plan, recipe: Recipe) -> str:
     skipped = plan.train_examples - b.steps_per_epoch * b.global_batch
     if skipped:
         lines.append(f"             {skipped} examples per epoch do not fill a global batch and are skipped (a different set each epoch when shuffled)")
-    lines.append(f"packing      {_packing(recipe, b)}")
+    lines.append(f"packing      {_packing(recipe, b, plan.unpacked_padding)}")
     if recipe.train.loss_chunk_tokens:
         lines.append(f"loss         cross-entropy in chunks of {recipe.train.loss_chunk_tokens} target tokens (no full float32 logits)")
     lines += describe(plan.memory, *_gpu_memory(recipe))

@@ -65,8 +65,8 @@ class DataConfig:
     # what to do with longer sequences: truncate | drop | error
     too_long: str = "truncate"
     shuffle: bool = True
-    # pack each rank's examples of a step into padding-free rows (unset: on for task.type sft, off for
-    # classification); attention never crosses examples (see README, Packing)
+    # pack each rank's examples of a step into padding-free rows (unset: for task.type sft when padded
+    # micro-batches would be >= 10% padding; never for classification); attention never crosses examples
     packing: Optional[bool] = None
     # tokens per packed micro-batch; unset: train.micro_batch_size x max_seq_len (a full padded micro-batch)
     pack_tokens: Optional[int] = None

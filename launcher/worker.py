@@ -41,7 +41,10 @@ def run(recipe, dist, stop=None) -> dict:
 
     from launcher import engines, resume, rundir
     from launcher.cache import cache_root
+    import numpy as np
+
     from launcher.data import packing as packed
+    from launcher.data.stats import padding_waste
     from launcher.data.classify import sequence_labels
     from launcher.data.prepare import data_files, prepare
     from launcher.logs import MetricsLog
@@ -61,9 +64,12 @@ def run(recipe, dist, stop=None) -> dict:
         path = model_dir(recipe.model, cache)
         tokenizer = load_tokenizer(path, recipe.model)
         prepared = prepare(recipe.data, tokenizer, cache, recipe.seed, recipe.task)
-    packing = packed.enabled(recipe)
-    schedule = make_schedule(recipe.train, recipe.seed, recipe.data.shuffle, len(prepared.train), dist.world_size,
-                             packed.example_lengths(prepared.train), packed.budget(recipe) if packing else 0)
+    lengths = packed.example_lengths(prepared.train)
+    schedule = make_schedule(recipe.train, recipe.seed, recipe.data.shuffle, len(prepared.train), dist.world_size, lengths)
+    packing = packed.enabled(recipe, padding_waste(schedule.batches, np.asarray(lengths)))
+    if packing:
+        schedule = make_schedule(recipe.train, recipe.seed, recipe.data.shuffle, len(prepared.train), dist.world_size,
+                                 lengths, packed.budget(recipe))
     resumed = resume.start_checkpoint(recipe)
     start_step, init_from = 0, None
     continuing = resumed is not None and resume.continues(recipe, resumed)

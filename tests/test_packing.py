@@ -184,7 +184,7 @@ def test_unpacked_micro_batches_group_similar_lengths():
     "recipe,args,message",
     [
         ("quickstart", ["model.attn_implementation=paged|sdpa", "data.packing=true"], "cannot keep the examples of a packed row apart"),
-        ("quickstart", ["data.pack_tokens=10"], "smaller than the longest training example"),
+        ("quickstart", ["data.pack_tokens=10", "data.packing=true"], "smaller than the longest training example"),
         ("quickstart-classify", ["data.packing=true"], "`data.packing: true` with `task.type: classification`"),
     ],
 )
@@ -201,9 +201,13 @@ def test_plan_prints_packing(cache_dir):
     from launcher.plan import format_plan, make_plan
     from launcher.recipe import load_recipe
 
-    on = load_recipe("recipes/quickstart.yaml", [f"data.cache_dir={cache_dir}"])
+    on = load_recipe("recipes/quickstart.yaml", [f"data.cache_dir={cache_dir}", "data.packing=true"])
     text = format_plan(make_plan(on), on)
     assert "packing      on: " in text and "at most 1024 tokens" in text  # micro 16 x max_seq_len 64
+    # unset: the quickstart's rows are all about as long, so padded micro-batches waste little and it does not pack
+    auto = load_recipe("recipes/quickstart.yaml", [f"data.cache_dir={cache_dir}"])
+    plan = make_plan(auto)
+    assert plan.unpacked_padding < 0.10 and "packing      off (data.packing unset and padded micro-batches are only" in format_plan(plan, auto)
     off = load_recipe("recipes/quickstart.yaml", [f"data.cache_dir={cache_dir}", "data.packing=false"])
     assert "packing      off (data.packing: false)" in format_plan(make_plan(off), off)
 

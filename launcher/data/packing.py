@@ -31,13 +31,27 @@ from launcher.data.tokenize import IGNORE
 PACKED_KEYS = ("input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
-def enabled(recipe) -> bool:
-    """data.packing; where unset: on for sft with an attention that keeps examples apart, else off."""
+# With data.packing unset, pack only when padded micro-batches would waste at least this share of their
+# token slots: for rows of similar length packing saves little, and attention per example costs more.
+AUTO_MIN_PADDING = 0.10
+
+
+def allowed(recipe) -> bool:
+    """Whether packing may be on: data.packing, or where unset sft with an attention that keeps examples apart."""
     from launcher.attention import packs_cleanly
 
     if recipe.data.packing is not None:
         return recipe.data.packing
     return recipe.task.type == "sft" and packs_cleanly(recipe.model.attn_implementation)
+
+
+def enabled(recipe, unpacked_padding: float) -> bool:
+    """data.packing; where unset, on when allowed and the unpacked (length-grouped) micro-batches would
+    be at least AUTO_MIN_PADDING padding (data/stats.padding_waste). A pure function of the data, so
+    `sft plan` and every worker decide alike."""
+    if recipe.data.packing is not None:
+        return recipe.data.packing
+    return allowed(recipe) and unpacked_padding >= AUTO_MIN_PADDING
 
 
 def budget(recipe) -> int:
