@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -144,7 +145,10 @@ def add_lora(model, lora, adapter_dtype_follows_base: bool = False):
               f"(e.g. [{', '.join(n for n in linear if n not in OUTPUT_HEADS)}]) to adapt only the linear layers with dropout.")
         config.lora_dropout = 0.0
     try:
-        return get_peft_model(model, config, autocast_adapter_dtype=not adapter_dtype_follows_base)
+        with warnings.catch_warnings():
+            # peft reads transformers 5's deprecated is_gradient_checkpointing: one FutureWarning per rank and plan.
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            return get_peft_model(model, config, autocast_adapter_dtype=not adapter_dtype_follows_base)
     except ValueError as e:
         experts = f" Its fused expert weights (adapted as parameters) are: {', '.join(fused)}." if fused else ""
         raise UserError(

@@ -249,6 +249,23 @@ def test_export_refuses_bad_input(case, message, lora_ddp_run, tmp_path, cache_d
     assert not list(tmp_path.glob(".out-*"))  # no temporary directory left behind
 
 
+def test_add_lora_is_quiet(cache_dir):
+    """peft reading transformers' deprecated is_gradient_checkpointing printed a FutureWarning in every plan and rank."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    from launcher import builtin
+    from launcher.model import add_lora
+    from launcher.recipe import LoraConfig
+
+    model = AutoModelForCausalLM.from_pretrained(builtin.materialize("builtin:tiny-llama", cache_dir))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        add_lora(model, LoraConfig(enabled=True))
+    assert not [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+
+
 def test_lora_settings_are_checked_before_training(cache_dir, tmp_path):
     proc = run_sft(["plan", QUICKSTART, f"data.cache_dir={cache_dir}", "lora.enabled=true", "lora.target_modules=[qkv_proj]"])
     assert proc.returncode == 2 and "q_proj" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
