@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 from typing import List, Optional
@@ -123,6 +124,15 @@ def lora_config(lora, model=None):
     )
 
 
+@contextlib.contextmanager
+def quiet_peft():
+    """peft's PeftModel reads transformers 5's deprecated is_gradient_checkpointing: a FutureWarning
+    in every plan, rank and export otherwise."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def add_lora(model, lora, adapter_dtype_follows_base: bool = False):
     """Wrap `model` with fresh LoRA adapters; only they (and modules_to_save) stay trainable.
 
@@ -145,9 +155,7 @@ def add_lora(model, lora, adapter_dtype_follows_base: bool = False):
               f"(e.g. [{', '.join(n for n in linear if n not in OUTPUT_HEADS)}]) to adapt only the linear layers with dropout.")
         config.lora_dropout = 0.0
     try:
-        with warnings.catch_warnings():
-            # peft reads transformers 5's deprecated is_gradient_checkpointing: one FutureWarning per rank and plan.
-            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        with quiet_peft():
             return get_peft_model(model, config, autocast_adapter_dtype=not adapter_dtype_follows_base)
     except ValueError as e:
         experts = f" Its fused expert weights (adapted as parameters) are: {', '.join(fused)}." if fused else ""
