@@ -25,7 +25,7 @@ from transformers import GenerationConfig
 
 from launcher import checkpoint, verify
 from launcher.errors import UserError
-from launcher.model import DTYPES, add_lora, load_model, load_tokenizer, materialize
+from launcher.model import DTYPES, add_lora, load_model, load_tokenizer, materialize, quiet_peft
 
 
 def end_of_turn_ids(tokenizer, model_config) -> list:
@@ -203,7 +203,8 @@ def _reload(tmp: Path, adapter_only: bool, base: Path, dtype: torch.dtype, train
     from peft import PeftModel
 
     base_model = cls.from_pretrained(base, dtype=train_dtype, trust_remote_code=trust_remote_code, **head_config(sequence_labels, pad_token_id))
-    return PeftModel.from_pretrained(base_model, tmp).eval()
+    with quiet_peft():
+        return PeftModel.from_pretrained(base_model, tmp).eval()
 
 
 def export(source: Path, out: Path, adapter_only: bool = False, overrides: Optional[Sequence[str]] = None, replace_earlier_export: bool = False) -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -126,6 +128,15 @@ def lora_config(lora, model=None):
     )
 
 
+@contextlib.contextmanager
+def quiet_peft():
+    """peft's PeftModel reads transformers 5's deprecated is_gradient_checkpointing: a FutureWarning
+    in every plan, rank and export otherwise."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def add_lora(model, lora, adapter_dtype_follows_base: bool = False):
     """Wrap `model` with fresh LoRA adapters; only they (and modules_to_save) stay trainable.
 
@@ -148,7 +159,8 @@ def add_lora(model, lora, adapter_dtype_follows_base: bool = False):
               f"(e.g. [{', '.join(n for n in linear if n not in OUTPUT_HEADS)}]) to adapt only the linear layers with dropout.")
         config.lora_dropout = 0.0
     try:
-        return get_peft_model(model, config, autocast_adapter_dtype=not adapter_dtype_follows_base)
+        with quiet_peft():
+            return get_peft_model(model, config, autocast_adapter_dtype=not adapter_dtype_follows_base)
     except ValueError as e:
         experts = f" Its fused expert weights (adapted as parameters) are: {', '.join(fused)}." if fused else ""
         raise UserError(

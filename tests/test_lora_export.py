@@ -109,6 +109,7 @@ def test_lora_trains_exports_and_serves(engine, tmp_path, cache_dir):
     adapter = tmp_path / "adapter"
     exported = run_sft(["export", str(run_dir), "--out", str(adapter), "--adapter-only"])
     assert exported.returncode == 0, exported.stderr[-3000:]
+    assert "FutureWarning" not in exported.stderr, exported.stderr[-3000:]  # peft's, when it loads the adapter back
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
 
     fresh = subprocess.run([sys.executable, "-c", FRESH_CHECK, str(run_dir / "final"), str(adapter)],
@@ -147,6 +148,7 @@ def test_export_sharded_and_16_bit(lora_ddp_run, tmp_path):
     proc = run_sft(["export", str(lora_ddp_run / "checkpoints" / "step-000003"), "--out", str(out),
                     "export.dtype=bfloat16", "export.max_shard_size=1MB"])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Warning" not in proc.stderr, proc.stderr[-3000:]  # DCP's one-process warning was printed by every export
     shards = sorted(out.glob("model-*.safetensors"))
     assert len(shards) >= 2 and (out / "model.safetensors.index.json").is_file()
     report = json.loads((out / "export.json").read_text())
@@ -247,6 +249,23 @@ def test_export_refuses_bad_input(case, message, lora_ddp_run, tmp_path, cache_d
     else:
         assert not out.exists()
     assert not list(tmp_path.glob(".out-*"))  # no temporary directory left behind
+
+
+def test_add_lora_is_quiet(cache_dir):
+    """peft reading transformers' deprecated is_gradient_checkpointing printed a FutureWarning in every plan and rank."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    from launcher import builtin
+    from launcher.model import add_lora
+    from launcher.recipe import LoraConfig
+
+    model = AutoModelForCausalLM.from_pretrained(builtin.materialize("builtin:tiny-llama", cache_dir))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        add_lora(model, LoraConfig(enabled=True))
+    assert not [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
 
 
 def test_lora_settings_are_checked_before_training(cache_dir, tmp_path):

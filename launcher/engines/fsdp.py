@@ -16,7 +16,7 @@ import torch
 import torch.distributed as torch_dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import distribute_tensor
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard, register_fsdp_forward_method
 
 from launcher.dist import backend_for
 from launcher.engines import adamw, dcp_load, dcp_save
@@ -103,6 +103,10 @@ class FSDPEngine:
             if module is not model and type(module).__name__ in wrap:
                 fully_shard(module, **kwargs)
         fully_shard(model, **kwargs)
+        if hasattr(model, "get_base_model"):
+            # peft's generate calls the inner model's generate, never the root's forward, so the root
+            # unit (embeddings, final norm, head) would stay sharded: gather it around generate too.
+            register_fsdp_forward_method(model, "generate")
         _fill_from_rank0(model, full, dist.device)
         del full
         # Built after sharding, so the optimizer holds the DTensor shards (its state is sharded too).
