@@ -7,7 +7,7 @@ step counts are exact, not estimates.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List
 
@@ -39,6 +39,7 @@ class Plan:
     eval_examples: int
     mean_tokens: float
     files: List[FileStats]
+    warnings: List[str] = field(default_factory=list)
 
 
 def _model_config(path: Path, recipe: Recipe, labels=None, pad_token_id=None):
@@ -121,6 +122,29 @@ def check_lora(config, recipe: Recipe, labels=None) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def _longest(ds) -> int:
+    import pyarrow.compute as pc
+
+    return int(pc.max(pc.list_value_length(ds.with_format("arrow")["input_ids"])).as_py() or 0) if ds is not None and len(ds) else 0
+
+
+def check_positions(config, recipe: Recipe, prepared) -> List[str]:
+    """data.max_seq_len beyond the model's positions: refused when a sequence is that long (its positions
+    past the limit would be untrained or out of range), a warning line in the plan when none is."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or recipe.data.max_seq_len <= limit:
+        return []
+    longest = max(_longest(prepared.train), _longest(prepared.eval))
+    if longest > limit:
+        raise UserError(
+            f"data.max_seq_len: {recipe.data.max_seq_len} is beyond the model's max_position_embeddings ({limit}) and the data has "
+            f"sequences of up to {longest} tokens, which the model cannot place. Set data.max_seq_len={limit} (longer rows are then "
+            "handled by data.too_long), or use a model with a longer context."
+        )
+    return [f"data.max_seq_len {recipe.data.max_seq_len} is beyond the model's max_position_embeddings ({limit}); no sequence "
+            f"here is longer than {longest} tokens, but longer data would be refused. Consider data.max_seq_len={limit}."]
+
+
 def make_plan(recipe: Recipe, here: bool = True) -> Plan:
     """`here`: the workers start on this machine (sft plan, sft run), so its hardware counts; False
     for `sft submit`, whose job runs on other nodes."""
@@ -143,6 +167,7 @@ def make_plan(recipe: Recipe, here: bool = True) -> Plan:
     labels = sequence_labels(prepared.classes)
     config = _model_config(path, recipe, labels, tokenizer.pad_token_id)
     skeleton = _meta_model(config, recipe, labels)  # the class training builds, without weights
+    warnings = check_positions(config, recipe, prepared)
     t = recipe.train
     if (t.eval_every or t.eval_generate or t.eval_at_start) and prepared.eval is None:
         raise UserError("train.eval_every / eval_generate / eval_at_start need eval data: set data.eval_files or data.eval_fraction.")
@@ -173,6 +198,7 @@ def make_plan(recipe: Recipe, here: bool = True) -> Plan:
         eval_examples=len(prepared.eval) if prepared.eval is not None else 0,
         mean_tokens=sum(len(x) for x in lengths) / len(lengths),
         files=prepared.stats,
+        warnings=warnings,
     )
 
 
@@ -240,6 +266,7 @@ def format_plan(plan: Plan, recipe: Recipe) -> str:
     skipped = plan.train_examples - b.steps_per_epoch * b.global_batch
     if skipped:
         lines.append(f"             {skipped} examples per epoch do not fill a global batch and are skipped (a different set each epoch when shuffled)")
+    lines += [f"warning      {w}" for w in plan.warnings]
     lines.append(f"memory       ~{_gib(state)} per rank for weights, gradients and AdamW state (activations not included)")
     lines.append(f"output_dir   {recipe.output_dir}")
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -57,6 +58,7 @@ def differences(old: dict, new: dict, prefix: str = "") -> list:
 def check_output_dir(recipe: Recipe, overwrite: bool) -> None:
     """Refuse to reuse a run dir that holds another run or someone's files, unless told to."""
     out = Path(recipe.output_dir)
+    _check_writable(out)
     if not out.exists() or not any(out.iterdir()):
         return
     saved = out / "recipe.yaml"
@@ -91,6 +93,18 @@ def check_output_dir(recipe: Recipe, overwrite: bool) -> None:
         f"output_dir {out} already holds {what}. Nothing was changed. Choose another output_dir "
         "(e.g. output_dir=runs/new-name), or pass --overwrite to delete that run's files and start over."
     )
+
+
+def _check_writable(out: Path) -> None:
+    """output_dir, or the nearest of its parents that exists, must be a directory this user can write."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == out else f"is inside {existing}, which is a file"
+        raise UserError(f"output_dir {out} {what}, not a directory. Choose another output_dir; nothing was touched.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"output_dir {out}: {existing} is not writable by this user. Choose another output_dir or fix its permissions.")
 
 
 def archive_logs(run_dir: Path) -> None:

@@ -224,6 +224,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from torch.distributed.elastic.multiprocessing.errors import record
+
     from launcher.dist import exit_process
 
-    exit_process(main())
+    exit_process(record(main)())  # record: a crash's traceback goes to TORCHELASTIC_ERROR_FILE for `sft run`'s report
