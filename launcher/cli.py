@@ -20,7 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sft", description="Fine-tune causal LLMs from one YAML recipe.", usage=USAGE)
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("plan", "run"):
-        s = sub.add_parser(name)
+        s = sub.add_parser(name, prog=f"sft {name}")  # its own usage line, not the whole USAGE
         s.add_argument("recipe", help="path of the YAML recipe")
         s.add_argument("overrides", nargs="*", help="recipe overrides as key=value (OmegaConf dotlist)")
         s.add_argument("--nproc", type=int, help="ranks on this machine (same as launch.nproc_per_node=N)")
@@ -29,12 +29,12 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--rdzv-endpoint", help="HOST:PORT of node 0, the same on every node (launch.rdzv_endpoint)")
         if name == "run":
             s.add_argument("--overwrite", action="store_true", help="delete an earlier run's files in output_dir and start over")
-    sb = sub.add_parser("submit")
+    sb = sub.add_parser("submit", prog="sft submit")
     sb.add_argument("recipe", help="path of the YAML recipe")
     sb.add_argument("overrides", nargs="*", help="recipe overrides as key=value, e.g. slurm.nodes=4")
     sb.add_argument("--nproc", type=int, help="ranks per node (same as launch.nproc_per_node=N)")
     sb.add_argument("--dry-run", action="store_true", help="write the sbatch script into output_dir and print it; queue nothing")
-    e = sub.add_parser("export")
+    e = sub.add_parser("export", prog="sft export")
     e.add_argument("source", help="a run's output_dir (its latest checkpoint) or a checkpoints/step-NNNNNN directory")
     e.add_argument("overrides", nargs="*", help="overrides of the run's recipe, e.g. export.dtype=bfloat16 or model.path=BASE_DIR")
     e.add_argument("--out", required=True, help="the directory to write (must not exist or be empty)")

@@ -74,6 +74,11 @@ def read_rows(path: str, cache: Path) -> tuple:
         why = (str(e).strip().splitlines() or [type(e).__name__])[0][:300].rstrip(".")
         if "corresponds to no data" in why:
             raise DataError(f"Data file {path} has no rows (only blank lines). Add rows, one JSON object per line.") from None
+        while e.__cause__ is not None or e.__context__ is not None:  # datasets wraps the parser's error
+            e = e.__cause__ or e.__context__
+            why = (str(e).strip().splitlines() or [why])[0][:300].rstrip(".")
+        if builder == "json" and p.suffix.lower() == ".jsonl":
+            why = _bad_json_line(p) or why
         fix = "that it is a complete Parquet file" if builder == "parquet" else f"that every line is valid {builder.upper()} in UTF-8"
         raise DataError(f"Data file {path} could not be read as {builder}: {why}. Check {fix}.") from None
     if len(ds) == 0:
@@ -92,6 +97,18 @@ def _csv_as_text(path: Path) -> dict:
             raise DataError(f"Data file {path} has a header line ({', '.join(header)[:200]}) but no rows. Add rows below it.")
     features = datasets.Features({name: datasets.Value("string") for name in header})
     return {"features": features, "keep_default_na": False}
+
+
+def _bad_json_line(path: Path) -> str:
+    """The first line of a JSON Lines file that is not a JSON value (the parser counts rows per block, not lines)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except ValueError as e:
+                    return f"line {number} is not valid JSON ({e})"
+    return ""
 
 
 def _bad_utf8(path: str) -> str:
