@@ -43,8 +43,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _export(args, overrides) -> int:
+    import signal
+
     from launcher.export import export
 
+    # SIGTERM unwinds like an error, so the export's temporary copy is removed and --out stays as it was.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     report = export(Path(args.source), Path(args.out), adapter_only=args.adapter_only, overrides=overrides)
     kind = "adapter" if report["adapter_only"] else ("merged model" if report["merged"] else "model")
     print(
@@ -121,6 +125,7 @@ def main(argv=None) -> int:
 
         first_node = recipe.launch.node_rank == 0  # node 0 alone prepares the shared output_dir
         if first_node:
+            rundir.lock(Path(recipe.output_dir))  # held until this process ends: a second run of this dir is refused
             rundir.check_output_dir(recipe, overwrite=args.overwrite)
             for partial in checkpoint.remove_partials(Path(recipe.output_dir)):
                 print(f"removed {partial}: a checkpoint interrupted while saving (never committed)", flush=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+from safetensors import SafetensorError  # safetensors' write errors (a full disk) are not OSError
 from transformers import GenerationConfig
 
 from launcher import checkpoint, verify
@@ -296,6 +297,10 @@ def export(source: Path, out: Path, adapter_only: bool = False, overrides: Optio
             if out.exists():
                 out.rmdir()  # empty (checked above)
             tmp.rename(out)
+    except (OSError, SafetensorError) as e:  # a full disk, a quota, permissions: what was written goes, --out stays as it was
+        free = shutil.disk_usage(out.parent).free / 2**30
+        raise UserError(f"writing the export failed ({type(e).__name__}: {e}; {free:.1f} GiB free under {out.parent}). "
+                        f"{out} was not touched and the partial copy was removed. Free space and run the same command again.") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report

@@ -107,6 +107,25 @@ def _check_writable(out: Path) -> None:
         raise UserError(f"output_dir {out}: {existing} is not writable by this user. Choose another output_dir or fix its permissions.")
 
 
+def lock(out: Path) -> int:
+    """Hold an exclusive lock on output_dir for this process's life, so a second `sft run` of it is refused
+    before it changes anything. flock on the directory itself: nothing is added to it, and the lock goes
+    with the process, however it ends. Returns the descriptor (keep it open)."""
+    import fcntl
+
+    out = Path(out)
+    _check_writable(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"output_dir {out} is in use by another `sft run` on this machine. Nothing was changed. Wait for it to "
+                        "finish (or stop it), or choose another output_dir.") from None
+    return fd
+
+
 def archive_logs(run_dir: Path) -> None:
     """Move an earlier attempt's logs/rank-*.log files to logs/attempt-N/, so a rerun does not overwrite them."""
     logs = Path(run_dir) / "logs"

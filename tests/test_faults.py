@@ -1,6 +1,12 @@
 """Faults with real processes: the run reports what failed, and nothing of a user's is lost."""
 
+import contextlib
+import io
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,3 +30,77 @@ def test_the_rank_that_failed_first_is_reported(tmp_path, cache_dir):
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "error: rank 1 failed first" in proc.stderr, proc.stderr[-3000:]
     assert "rank-1.log" in proc.stderr and "ValueError: rank 1 broke during evaluation (test)" in proc.stderr
+
+
+def _wait_for(predicate, timeout=300, what="a condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def held_run(tmp_path_factory, cache_dir):
+    """One 1-rank run of 2 steps, saving each step. While it holds at step 1 (shards written, not committed),
+    a second `sft run` of the same output_dir is tried. Returns (run_dir, second run's exit code and stderr,
+    files before and after the second run)."""
+    from launcher.cli import main
+
+    run_dir = tmp_path_factory.mktemp("held") / "run"
+    args = ["run", QUICKSTART, *_short(run_dir, cache_dir, "train.eval_every=0", "checkpoint.every_steps=1")]
+    first = subprocess.Popen([sys.executable, "-m", "launcher", *args], cwd=REPO, env={**os.environ, "SFT_TEST_HOLD_BEFORE_COMMIT": "1"},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: (run_dir / "checkpoints" / ".partial-step-000001" / "HELD_FOR_TEST").exists() or first.poll() is not None,
+                  what="the first run to hold before its commit")
+        assert first.poll() is None, first.communicate()
+        before = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            second = main(args[:-1] + [args[-1], "--overwrite"])  # even --overwrite must not touch a run in progress
+        after = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    out, first_err = first.communicate(timeout=300)
+    assert first.returncode == 0, first_err[-3000:]
+    return run_dir, second, err.getvalue(), before, after
+
+
+def test_a_second_run_of_the_same_output_dir_is_refused(held_run):
+    run_dir, code, err, before, after = held_run
+    assert code == 2 and f"output_dir {run_dir} is in use by another `sft run`" in err, err
+    assert before == after  # the first run's files, its partial checkpoint included, are as they were
+    assert (run_dir / "checkpoints" / "step-000001" / "COMPLETE").is_file() and (run_dir / "checkpoints" / "step-000002" / "COMPLETE").is_file()
+
+
+def _leftovers(parent):
+    return [p.name for p in parent.iterdir() if p.name.startswith(".o-")]
+
+
+def test_export_on_a_full_disk_leaves_out_absent(held_run, tmp_path):
+    import resource
+
+    run_dir = held_run[0]
+    out = tmp_path / "o"
+
+    def small_files():  # a real write failure (EFBIG; Python ignores SIGXFSZ) past 64 KiB: the disk is "full"
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    proc = subprocess.run([sys.executable, "-m", "launcher", "export", str(run_dir), "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                          preexec_fn=small_files, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "writing the export failed" in proc.stderr and f"{out} was not touched" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists() and not _leftovers(tmp_path)
+
+
+def test_export_stopped_by_sigterm_leaves_out_as_it_was(held_run, tmp_path):
+    run_dir = held_run[0]
+    out = tmp_path / "o"
+    out.mkdir()  # an empty --out given by the user stays, empty
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", "export", str(run_dir), "--out", str(out)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: _leftovers(tmp_path) or proc.poll() is not None, what="the export's temporary directory")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0, err[-2000:]
+    assert out.is_dir() and not any(out.iterdir()) and not _leftovers(tmp_path), err[-2000:]
