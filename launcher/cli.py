@@ -86,6 +86,24 @@ def _submit(args, overrides) -> int:
     return 0
 
 
+def _intact(recipe, start):
+    """The checkpoint to start from, after setting aside this run's damaged ones (a shard cut short or changed
+    since its commit); another run's damaged checkpoint is refused, naming its previous intact one."""
+    from launcher import checkpoint, resume
+    from launcher.errors import UserError
+
+    while start is not None and (broken := checkpoint.damage(start)):
+        what = "; ".join(broken[:3]) + (f"; and {len(broken) - 3} more" if len(broken) > 3 else "")
+        if not resume.continues(recipe, start):
+            prev = checkpoint.previous_intact(start)
+            offer = f"Its run's previous intact checkpoint is {prev}: set checkpoint.resume={prev}." if prev else "Its run has no intact earlier checkpoint."
+            raise UserError(f"checkpoint.resume: checkpoint {start} is damaged ({what}). {offer}")
+        moved = checkpoint.set_aside(start)
+        print(f"checkpoint {start} is damaged ({what}); moved it to {moved} and continuing from the previous one, if any.", flush=True)
+        start = resume.start_checkpoint(recipe)
+    return start
+
+
 def main(argv=None) -> int:
     parser = _parser()
     # Overrides may follow flags (`sft run r.yaml --nproc 2 train.lr=1e-4`): argparse leaves those over.
@@ -130,6 +148,8 @@ def main(argv=None) -> int:
             for partial in checkpoint.remove_partials(Path(recipe.output_dir)):
                 print(f"removed {partial}: a checkpoint interrupted while saving (never committed)", flush=True)
         start = resume.start_checkpoint(recipe)
+        if first_node:
+            start = _intact(recipe, start)
         if start is not None:
             total = plan.schedule.total_steps
             from launcher.data.prepare import data_files

@@ -214,6 +214,11 @@ def export(source: Path, out: Path, adapter_only: bool = False, overrides: Optio
 
     out = Path(out)
     ckpt = checkpoint.resolve(Path(source))
+    broken = checkpoint.damage(ckpt)
+    if broken:
+        prev = checkpoint.previous_intact(ckpt)
+        offer = f"The previous checkpoint {prev} is intact: sft export {prev} --out {out}." if prev else "This run has no intact earlier checkpoint."
+        raise UserError(f"checkpoint {ckpt} is damaged: {'; '.join(broken[:3])}. Nothing was written. {offer}")
     earlier = replace_earlier_export and (out / "export.json").is_file()
     if not earlier:
         _check_out(out)

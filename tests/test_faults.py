@@ -104,3 +104,41 @@ def test_export_stopped_by_sigterm_leaves_out_as_it_was(held_run, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0, err[-2000:]
     assert out.is_dir() and not any(out.iterdir()) and not _leftovers(tmp_path), err[-2000:]
+
+
+def _damaged_copy(run_dir, dest, how):
+    import shutil
+
+    shutil.copytree(run_dir, dest)
+    shard = max((p for p in (dest / "checkpoints" / "step-000002" / "model").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    if how == "truncate":  # a copy cut short
+        shard.write_bytes(data[: len(data) // 2])
+    else:  # bit rot: same size, one byte flipped
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(data)
+    return shard
+
+
+def test_export_refuses_a_truncated_shard_and_offers_the_previous_checkpoint(held_run, tmp_path):
+    from launcher.errors import UserError
+    from launcher.export import export
+
+    run = tmp_path / "run"
+    shard = _damaged_copy(held_run[0], run, "truncate")
+    name = shard.relative_to(run / "checkpoints" / "step-000002")
+    with pytest.raises(UserError, match=rf"step-000002 is damaged: {name} is \d+ bytes, \d+ when saved.*previous checkpoint .*step-000001 is intact"):
+        export(run, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_resume_sets_a_corrupted_checkpoint_aside_and_continues_from_the_previous(held_run, tmp_path, cache_dir):
+    run = tmp_path / "run"
+    shard = _damaged_copy(held_run[0], run, "flip")
+    name = shard.relative_to(run / "checkpoints" / "step-000002")
+    proc = run_sft(["run", QUICKSTART, *_short(run, cache_dir, "train.eval_every=0", "checkpoint.every_steps=1")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{name} has changed since it was saved" in proc.stdout and "damaged-step-000002" in proc.stdout
+    assert "resuming from" in proc.stdout and "step-000001 (step 1 of 2)" in proc.stdout
+    assert (run / "checkpoints" / "damaged-step-000002").is_dir()  # kept for the user, not deleted
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-000002"  # trained again
