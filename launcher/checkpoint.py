@@ -221,8 +221,64 @@ def _remove(path: Path) -> None:
     shutil.rmtree(doomed)
 
 
+MANIFEST = "MANIFEST.json"
+
+
+def _write_manifest(ckpt: Path) -> None:
+    """Size and content digest of every file, recorded before COMPLETE: a copy cut short or bit rot is
+    found on resume and export (`damage`), not by a crash or silently wrong weights."""
+    from launcher.data.digest import content_digest
+
+    files = sorted(p for p in ckpt.rglob("*") if p.is_file())
+    manifest = {str(p.relative_to(ckpt)): {"size": p.stat().st_size, "digest": content_digest(str(p))} for p in files}
+    (ckpt / MANIFEST).write_text(json.dumps(manifest, indent=0))
+
+
+def damage(ckpt: Path) -> list:
+    """What no longer matches the checkpoint's manifest (missing, resized or changed files); [] when all
+    match or the checkpoint predates manifests."""
+    from launcher.data.digest import content_digest
+
+    path = Path(ckpt) / MANIFEST
+    if not path.is_file():
+        return []
+    found = []
+    for name, want in json.loads(path.read_text()).items():
+        f = Path(ckpt) / name
+        if not f.is_file():
+            found.append(f"{name} is missing")
+        elif f.stat().st_size != want["size"]:
+            found.append(f"{name} is {f.stat().st_size} bytes, {want['size']} when saved")
+        elif content_digest(str(f)) != want["digest"]:
+            found.append(f"{name} has changed since it was saved (its checksum differs)")
+    return found
+
+
+def previous_intact(ckpt: Path) -> Optional[Path]:
+    """The newest complete checkpoint before `ckpt` in its run whose files match their manifest."""
+    older = [p for p in complete_checkpoints(Path(ckpt).parent) if int(_STEP_DIR.match(p.name).group(1)) < int(_STEP_DIR.match(Path(ckpt).name).group(1))]
+    return next((p for p in reversed(older) if not damage(p)), None)
+
+
+def set_aside(ckpt: Path) -> Path:
+    """Rename a damaged checkpoint out of the way (kept, never deleted) and point `latest` at the newest
+    complete one left."""
+    root = Path(ckpt).parent
+    dest = root / f"damaged-{Path(ckpt).name}"
+    Path(ckpt).rename(dest)
+    done = complete_checkpoints(root)
+    if done:
+        pointer = root / ".latest.tmp"
+        pointer.write_text(done[-1].name + "\n")
+        os.replace(pointer, root / "latest")
+    elif (root / "latest").exists():
+        (root / "latest").unlink()
+    return dest
+
+
 def _commit(tmp: Path, root: Path, step: int, keep_last: int) -> None:
     final = root / step_name(step)
+    _write_manifest(tmp)
     (tmp / COMPLETE).write_text("")
     if final.exists():  # the same step saved again (a resumed run passing an older run's step)
         _remove(final)

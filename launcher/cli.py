@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sft", description="Fine-tune causal LLMs from one YAML recipe.", usage=USAGE)
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("plan", "run"):
-        s = sub.add_parser(name)
+        s = sub.add_parser(name, prog=f"sft {name}")  # its own usage line, not the whole USAGE
         s.add_argument("recipe", help="path of the YAML recipe")
         s.add_argument("overrides", nargs="*", help="recipe overrides as key=value (OmegaConf dotlist)")
         s.add_argument("--nproc", type=int, help="ranks on this machine (same as launch.nproc_per_node=N)")
@@ -34,12 +34,12 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--rdzv-endpoint", help="HOST:PORT of node 0, the same on every node (launch.rdzv_endpoint)")
         if name == "run":
             s.add_argument("--overwrite", action="store_true", help="delete an earlier run's files in output_dir and start over")
-    sb = sub.add_parser("submit")
+    sb = sub.add_parser("submit", prog="sft submit")
     sb.add_argument("recipe", help="path of the YAML recipe")
     sb.add_argument("overrides", nargs="*", help="recipe overrides as key=value, e.g. slurm.nodes=4")
     sb.add_argument("--nproc", type=int, help="ranks per node (same as launch.nproc_per_node=N)")
     sb.add_argument("--dry-run", action="store_true", help="write the sbatch script into output_dir and print it; queue nothing")
-    e = sub.add_parser("export")
+    e = sub.add_parser("export", prog="sft export")
     e.add_argument("source", help="a run's output_dir (its latest checkpoint) or a checkpoints/step-NNNNNN directory")
     e.add_argument("overrides", nargs="*", help="overrides of the run's recipe, e.g. export.dtype=bfloat16 or model.path=BASE_DIR")
     e.add_argument("--out", required=True, help="the directory to write (must not exist or be empty)")
@@ -73,8 +73,12 @@ def _generate(args) -> int:
 
 
 def _export(args, overrides) -> int:
+    import signal
+
     from launcher.export import export
 
+    # SIGTERM unwinds like an error, so the export's temporary copy is removed and --out stays as it was.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     report = export(Path(args.source), Path(args.out), adapter_only=args.adapter_only, overrides=overrides)
     kind = "adapter" if report["adapter_only"] else ("merged model" if report["merged"] else "model")
     print(
@@ -111,6 +115,24 @@ def _submit(args, overrides) -> int:
     print(f"submitted job {job}: {nodes} node(s) x {recipe.launch.nproc_per_node} rank(s); log {run_dir / 'logs' / f'slurm-{job}.out'}, "
           f"ranks in {run_dir / 'logs'}/rank-R.log; the job requeues itself after a preemption signal and resumes.", flush=True)
     return 0
+
+
+def _intact(recipe, start):
+    """The checkpoint to start from, after setting aside this run's damaged ones (a shard cut short or changed
+    since its commit); another run's damaged checkpoint is refused, naming its previous intact one."""
+    from launcher import checkpoint, resume
+    from launcher.errors import UserError
+
+    while start is not None and (broken := checkpoint.damage(start)):
+        what = "; ".join(broken[:3]) + (f"; and {len(broken) - 3} more" if len(broken) > 3 else "")
+        if not resume.continues(recipe, start):
+            prev = checkpoint.previous_intact(start)
+            offer = f"Its run's previous intact checkpoint is {prev}: set checkpoint.resume={prev}." if prev else "Its run has no intact earlier checkpoint."
+            raise UserError(f"checkpoint.resume: checkpoint {start} is damaged ({what}). {offer}")
+        moved = checkpoint.set_aside(start)
+        print(f"checkpoint {start} is damaged ({what}); moved it to {moved} and continuing from the previous one, if any.", flush=True)
+        start = resume.start_checkpoint(recipe)
+    return start
 
 
 def main(argv=None) -> int:
@@ -165,10 +187,13 @@ def main(argv=None) -> int:
 
         first_node = recipe.launch.node_rank == 0  # node 0 alone prepares the shared output_dir
         if first_node:
+            rundir.lock(Path(recipe.output_dir))  # held until this process ends: a second run of this dir is refused
             rundir.check_output_dir(recipe, overwrite=args.overwrite)
             for partial in checkpoint.remove_partials(Path(recipe.output_dir)):
                 print(f"removed {partial}: a checkpoint interrupted while saving (never committed)", flush=True)
         start = resume.start_checkpoint(recipe)
+        if first_node:
+            start = _intact(recipe, start)
         if start is not None:
             total = plan.schedule.total_steps
             from launcher.data.prepare import data_files

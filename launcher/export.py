@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+from safetensors import SafetensorError  # safetensors' write errors (a full disk) are not OSError
 from transformers import GenerationConfig
 
 from launcher import checkpoint, verify
@@ -214,6 +215,11 @@ def export(source: Path, out: Path, adapter_only: bool = False, overrides: Optio
 
     out = Path(out)
     ckpt = checkpoint.resolve(Path(source))
+    broken = checkpoint.damage(ckpt)
+    if broken:
+        prev = checkpoint.previous_intact(ckpt)
+        offer = f"The previous checkpoint {prev} is intact: sft export {prev} --out {out}." if prev else "This run has no intact earlier checkpoint."
+        raise UserError(f"checkpoint {ckpt} is damaged: {'; '.join(broken[:3])}. Nothing was written. {offer}")
     earlier = replace_earlier_export and (out / "export.json").is_file()
     if not earlier:
         _check_out(out)
@@ -297,6 +303,10 @@ def export(source: Path, out: Path, adapter_only: bool = False, overrides: Optio
             if out.exists():
                 out.rmdir()  # empty (checked above)
             tmp.rename(out)
+    except (OSError, SafetensorError) as e:  # a full disk, a quota, permissions: what was written goes, --out stays as it was
+        free = shutil.disk_usage(out.parent).free / 2**30
+        raise UserError(f"writing the export failed ({type(e).__name__}: {e}; {free:.1f} GiB free under {out.parent}). "
+                        f"{out} was not touched and the partial copy was removed. Free space and run the same command again.") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report

@@ -7,7 +7,7 @@ step counts are exact, not estimates.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List
 
@@ -48,6 +48,7 @@ class Plan:
     memory: "object | None" = None  # memory.Setup: what decides a rank's memory
     padding: float = 0.0  # share of the planned micro-batches' token slots that are padding
     unpacked_padding: float = 0.0  # the same without packing (what data.packing unset decides on)
+    warnings: List[str] = field(default_factory=list)
 
 
 def _model_config(path: Path, recipe: Recipe, labels=None, pad_token_id=None):
@@ -140,6 +141,29 @@ def packed_attention_check(skeleton, recipe: Recipe) -> None:
         )
 
 
+def _longest(ds) -> int:
+    import pyarrow.compute as pc
+
+    return int(pc.max(pc.list_value_length(ds.with_format("arrow")["input_ids"])).as_py() or 0) if ds is not None and len(ds) else 0
+
+
+def check_positions(config, recipe: Recipe, prepared) -> List[str]:
+    """data.max_seq_len beyond the model's positions: refused when a sequence is that long (its positions
+    past the limit would be untrained or out of range), a warning line in the plan when none is."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or recipe.data.max_seq_len <= limit:
+        return []
+    longest = max(_longest(prepared.train), _longest(prepared.eval))
+    if longest > limit:
+        raise UserError(
+            f"data.max_seq_len: {recipe.data.max_seq_len} is beyond the model's max_position_embeddings ({limit}) and the data has "
+            f"sequences of up to {longest} tokens, which the model cannot place. Set data.max_seq_len={limit} (longer rows are then "
+            "handled by data.too_long), or use a model with a longer context."
+        )
+    return [f"data.max_seq_len {recipe.data.max_seq_len} is beyond the model's max_position_embeddings ({limit}); no sequence "
+            f"here is longer than {longest} tokens, but longer data would be refused. Consider data.max_seq_len={limit}."]
+
+
 def make_plan(recipe: Recipe, here: bool = True) -> Plan:
     """`here`: the workers start on this machine (sft plan, sft run), so its hardware counts; False
     for `sft submit`, whose job runs on other nodes."""
@@ -164,6 +188,7 @@ def make_plan(recipe: Recipe, here: bool = True) -> Plan:
     labels = sequence_labels(prepared.classes)
     config = _model_config(path, recipe, labels, tokenizer.pad_token_id)
     skeleton = _meta_model(config, recipe, labels)  # the class training builds, without weights
+    warnings = check_positions(config, recipe, prepared)
     t = recipe.train
     if (t.eval_every or t.eval_generate or t.eval_at_start) and prepared.eval is None:
         raise UserError("train.eval_every / eval_generate / eval_at_start need eval data: set data.eval_files or data.eval_fraction.")
@@ -203,6 +228,7 @@ def make_plan(recipe: Recipe, here: bool = True) -> Plan:
         mean_tokens=sum(len(x) for x in lengths) / len(lengths),
         files=prepared.stats,
         mixture=prepared.mixture,
+        warnings=warnings,
         padding=padding_waste(schedule.batches, train_lengths),
         unpacked_padding=unpacked_padding,
         memory=memory_setup(recipe, config, skeleton, params, trainable, schedule.batches, world, labels is not None,
@@ -331,6 +357,7 @@ def format_plan(plan: Plan, recipe: Recipe) -> str:
     lines.append(f"packing      {_packing(recipe, b, plan.unpacked_padding)}")
     if recipe.train.loss_chunk_tokens:
         lines.append(f"loss         cross-entropy in chunks of {recipe.train.loss_chunk_tokens} target tokens (no full float32 logits)")
+    lines += [f"warning      {w}" for w in plan.warnings]
     lines += describe(plan.memory, *_gpu_memory(recipe))
     lines.append(f"output_dir   {recipe.output_dir}")
     return "\n".join(lines)

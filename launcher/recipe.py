@@ -328,7 +328,13 @@ def _load_with_bases(path: Path, seen: List[Path]) -> List[tuple]:
     if base is not None:
         if not isinstance(base, str):
             raise RecipeError(f"{path}: `extends` must be the path of a base recipe (a string).")
-        layers = _load_with_bases((path.parent / base), seen + [path])
+        target = path.parent / base
+        if not target.is_file():
+            raise RecipeError(
+                f"{path}: `extends: {base}` names {target.resolve()}, which does not exist. A relative `extends` path is "
+                f"relative to the recipe's own directory ({path.parent}), not to the current directory; fix the path."
+            )
+        layers = _load_with_bases(target, seen + [path])
     return layers + [(str(path), data)]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any
 
 from launcher.errors import RecipeError
@@ -30,6 +32,7 @@ def validate(recipe: Recipe) -> None:
         value = _get(recipe, key)
         if value not in choices:
             raise RecipeError(f"`{key}: {value}` is not one of {', '.join(choices)}.")
+    _check_numbers(recipe)
     positive = ["train.micro_batch_size", "data.max_seq_len", "launch.nproc_per_node", "logging.every_steps"]
     for key in positive:
         if _get(recipe, key) < 1:
@@ -126,6 +129,62 @@ def _check_sources(recipe: Recipe) -> None:
             )
         if sum(s.weight for s in data.sources) <= 0:
             raise RecipeError("`data.sources`: every weight is 0, so the mixture would be empty. Give at least one source a weight > 0.")
+
+
+# Ranges of numeric keys not checked elsewhere: (key, lowest, highest, how the bounds read).
+# None: no bound on that side; the bounds are inclusive unless the text says otherwise.
+_RANGES = [
+    ("seed", 0, 2**32 - 1, "an integer in [0, 2^32)"),  # numpy's seed range
+    ("train.lr", 0.0, None, "> 0"),
+    ("train.epochs", 0.0, None, ">= 0"),
+    ("train.warmup_steps", 0, None, ">= 0"),
+    ("train.weight_decay", 0.0, None, ">= 0"),
+    ("train.adam_beta1", 0.0, 1.0, "in [0, 1)"),
+    ("train.adam_beta2", 0.0, 1.0, "in [0, 1)"),
+    ("train.adam_eps", 0.0, None, "> 0"),
+    ("train.max_grad_norm", 0.0, None, ">= 0 (0: no clipping)"),
+    ("train.eval_every", 0, None, ">= 0 (0: only at the end)"),
+    ("train.eval_generate", 0, None, ">= 0"),
+    ("launch.max_restarts", 0, None, ">= 0"),
+    ("slurm.nodes", 1, None, "at least 1"),
+    ("slurm.gpus_per_node", 0, None, ">= 0 (0 on CPU-only clusters)"),
+    ("slurm.signal_before_end_s", 0, None, ">= 0 seconds"),
+]
+_EXCLUSIVE = {"train.lr": "low", "train.adam_eps": "low", "train.adam_beta1": "high", "train.adam_beta2": "high"}
+# Larger integers overflow torch's int64 arithmetic or timedelta long before they mean anything.
+_LARGEST_INT = 2**40
+
+
+def _numbers(obj: Any, prefix: str = ""):
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _numbers(value, f"{prefix}{f.name}.")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield f"{prefix}{f.name}", value
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    yield f"{prefix}{f.name}[{i}]", v
+
+
+def _check_numbers(recipe: Recipe) -> None:
+    for key, value in _numbers(recipe):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RecipeError(f"`{key}: {value}` is not a finite number; give it a number (see recipes/quickstart.yaml for typical values).")
+        if abs(value) > _LARGEST_INT and key != "seed":
+            raise RecipeError(f"`{key}: {value}` is far too large (at most {_LARGEST_INT:,}); check for a typo.")
+    if recipe.slurm.cpus_per_task is not None and recipe.slurm.cpus_per_task < 1:
+        raise RecipeError(f"`slurm.cpus_per_task` must be at least 1 (or unset), got {recipe.slurm.cpus_per_task}.")
+    if recipe.train.global_batch_size is not None and recipe.train.global_batch_size < 1:
+        raise RecipeError(f"`train.global_batch_size` must be at least 1 (or unset), got {recipe.train.global_batch_size}.")
+    for key, low, high, text in _RANGES:
+        value = _get(recipe, key)
+        open_side = _EXCLUSIVE.get(key)
+        below = low is not None and (value < low or (open_side == "low" and value == low))
+        above = high is not None and (value > high or (open_side == "high" and value == high))
+        if below or above:
+            raise RecipeError(f"`{key}` must be {text}, got {value}. Fix it in the recipe or with {key}=VALUE.")
 
 
 def _check_classification(recipe: Recipe) -> None:

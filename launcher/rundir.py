@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -58,6 +59,7 @@ def differences(old: dict, new: dict, prefix: str = "") -> list:
 def check_output_dir(recipe: Recipe, overwrite: bool) -> None:
     """Refuse to reuse a run dir that holds another run or someone's files, unless told to."""
     out = Path(recipe.output_dir)
+    _check_writable(out)
     if not out.exists() or not any(out.iterdir()):
         return
     saved = out / "recipe.yaml"
@@ -92,6 +94,37 @@ def check_output_dir(recipe: Recipe, overwrite: bool) -> None:
         f"output_dir {out} already holds {what}. Nothing was changed. Choose another output_dir "
         "(e.g. output_dir=runs/new-name), or pass --overwrite to delete that run's files and start over."
     )
+
+
+def _check_writable(out: Path) -> None:
+    """output_dir, or the nearest of its parents that exists, must be a directory this user can write."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == out else f"is inside {existing}, which is a file"
+        raise UserError(f"output_dir {out} {what}, not a directory. Choose another output_dir; nothing was touched.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"output_dir {out}: {existing} is not writable by this user. Choose another output_dir or fix its permissions.")
+
+
+def lock(out: Path) -> int:
+    """Hold an exclusive lock on output_dir for this process's life, so a second `sft run` of it is refused
+    before it changes anything. flock on the directory itself: nothing is added to it, and the lock goes
+    with the process, however it ends. Returns the descriptor (keep it open)."""
+    import fcntl
+
+    out = Path(out)
+    _check_writable(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"output_dir {out} is in use by another `sft run` on this machine. Nothing was changed. Wait for it to "
+                        "finish (or stop it), or choose another output_dir.") from None
+    return fd
 
 
 def archive_logs(run_dir: Path) -> None:

@@ -28,7 +28,7 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a file it cannot parse is our DataError, not its log line
     import warnings
 
     # DeepSpeed calls torch collectives that torch has renamed; the warning repeats on every call
@@ -245,6 +245,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from torch.distributed.elastic.multiprocessing.errors import record
+
     from launcher.dist import exit_process
 
-    exit_process(main())
+    exit_process(record(main)())  # record: a crash's traceback goes to TORCHELASTIC_ERROR_FILE for `sft run`'s report

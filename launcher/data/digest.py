@@ -37,6 +37,17 @@ def _identity(st: os.stat_result) -> list:
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
+def content_digest(path: str) -> str:
+    """`ALGORITHM:HEX` of the file's bytes, read now (nothing remembered)."""
+    name, h = _hasher()
+    buffer = bytearray(CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb") as f:
+        while n := f.readinto(buffer):
+            h.update(view[:n])
+    return f"{name}:{h.hexdigest()}"
+
+
 def file_digest(path: str, cache: Path) -> str:
     """`ALGORITHM:HEX` of the file's bytes; remembered in `cache/digests/` (see the module docstring)."""
     before = os.stat(path)
@@ -47,13 +58,7 @@ def file_digest(path: str, cache: Path) -> str:
             return saved["digest"]
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    name, h = _hasher()
-    buffer = bytearray(CHUNK)
-    view = memoryview(buffer)
-    with open(path, "rb") as f:
-        while n := f.readinto(buffer):
-            h.update(view[:n])
-    digest = f"{name}:{h.hexdigest()}"
+    digest = content_digest(path)
     changed_ns = max(before.st_mtime_ns, before.st_ctime_ns)
     if _identity(os.stat(path)) == _identity(before) and time.time_ns() - changed_ns > RACY_S * 1e9:
         memo.parent.mkdir(parents=True, exist_ok=True)

@@ -66,14 +66,27 @@ def read_rows(path: str, cache: Path) -> tuple:
     builder = BUILDERS.get(p.suffix.lower())
     if builder is None:
         raise DataError(f"Data file {path}: unsupported extension {p.suffix!r}; use one of {', '.join(BUILDERS)}.")
+    if p.stat().st_size == 0:
+        raise DataError(f"Data file {path} is empty (0 bytes). Fill it with rows or remove it from `data.train_files` / `data.eval_files`.")
     digest = file_digest(path, cache)
     # datasets keys its own cache of the parsed rows by path and mtime only: one cache per content.
     rows_cache = cache / "datasets" / digest.replace(":", "-")
     try:
         as_text = _csv_as_text(p) if builder == "csv" else {}
         ds = datasets.load_dataset(builder, data_files=str(p.resolve()), split="train", cache_dir=str(rows_cache), **as_text)
-    except Exception as e:  # datasets raises many types for malformed files
-        raise DataError(f"Data file {path} could not be read as {builder}: {str(e).splitlines()[0]}. Check that every line is valid {builder.upper()}.") from None
+    except DataError:
+        raise
+    except Exception as e:  # datasets raises many types for malformed files, some with no message
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:300].rstrip(".")
+        if "corresponds to no data" in why:
+            raise DataError(f"Data file {path} has no rows (only blank lines). Add rows, one JSON object per line.") from None
+        while e.__cause__ is not None or e.__context__ is not None:  # datasets wraps the parser's error
+            e = e.__cause__ or e.__context__
+            why = (str(e).strip().splitlines() or [why])[0][:300].rstrip(".")
+        if builder == "json" and p.suffix.lower() == ".jsonl":
+            why = _bad_json_line(p) or why
+        fix = "that it is a complete Parquet file" if builder == "parquet" else f"that every line is valid {builder.upper()} in UTF-8"
+        raise DataError(f"Data file {path} could not be read as {builder}: {why}. Check {fix}.") from None
     if len(ds) == 0:
         raise DataError(f"Data file {path} has no rows.")
     return ds, digest
@@ -83,10 +96,36 @@ def _csv_as_text(path: Path) -> dict:
     """CSV cells are text: type inference would turn an answer like "4" into an int, and "" into NaN."""
     import csv
 
-    with open(path, newline="") as f:
-        header = next(csv.reader(f), [])
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader, [])
+        if next(reader, None) is None:
+            raise DataError(f"Data file {path} has a header line ({', '.join(header)[:200]}) but no rows. Add rows below it.")
     features = datasets.Features({name: datasets.Value("string") for name in header})
     return {"features": features, "keep_default_na": False}
+
+
+def _bad_json_line(path: Path) -> str:
+    """The first line of a JSON Lines file that is not a JSON value (the parser counts rows per block, not lines)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except ValueError as e:
+                    return f"line {number} is not valid JSON ({e})"
+    return ""
+
+
+def _bad_utf8(path: str) -> str:
+    """Where a file stops being UTF-8: its line, for the message."""
+    data = Path(path).read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        return f"line {line} is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r})"
+    return "it is not UTF-8 text"
 
 
 def tokenizer_signature(tokenizer) -> str:
@@ -171,18 +210,21 @@ def tokenize_file(path: str, raw: Dataset, digest: str, cfg: DataConfig, tokeniz
         fn = _tokenize_fn(cfg, tokenizer, label, too_long)
     # One process tokenizes each cache entry: the others (ranks, and nodes sharing the cache) wait here
     # and then load its Arrow file, which datasets writes under a temp name and renames into place.
-    with FileLock(str(cache_file) + ".lock"):
-        ds = raw.map(
-            fn,
-            with_indices=True,
-            batched=True,
-            batch_size=256,
-            num_proc=_num_proc(cfg, len(raw)),
-            remove_columns=raw.column_names,
-            cache_file_name=str(cache_file),
-            new_fingerprint=fp,
-            desc=f"tokenizing {Path(label).name}",
-        )
+    try:
+        with FileLock(str(cache_file) + ".lock"):
+            ds = raw.map(
+                fn,
+                with_indices=True,
+                batched=True,
+                batch_size=256,
+                num_proc=_num_proc(cfg, len(raw)),
+                remove_columns=raw.column_names,
+                cache_file_name=str(cache_file),
+                new_fingerprint=fp,
+                desc=f"tokenizing {Path(label).name}",
+            )
+    except UnicodeDecodeError:  # pyarrow's JSON reader passes invalid UTF-8 through; reading a row fails
+        raise DataError(f"Data file {path}: {_bad_utf8(path)}. Save the file as UTF-8.") from None
     counts = Counter(ds["status"])
     kept = ds.filter(lambda s: s in ("ok", "truncated"), input_columns="status", keep_in_memory=True)
     stats = FileStats(

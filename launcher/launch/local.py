@@ -7,6 +7,7 @@ are also shown on the console. A single process without restarts runs in-process
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -59,6 +60,39 @@ def _tail(path: str, lines: int = 15) -> str:
         return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+def _first_failure(failures: dict) -> tuple:
+    """(global rank, failure) of the rank that failed first. The agent's timestamps are whole seconds
+    and it SIGTERMs the survivors once one rank dies, so: a rank the agent terminated comes last, then
+    by when each rank last wrote (its error file, else its log): a peer's "connection closed" follows
+    the crash that caused it."""
+
+    def when(f) -> float:
+        for path in (f.error_file, f.error_file.removesuffix(".error.json") + ".log"):
+            with contextlib.suppress(OSError, TypeError):
+                return os.stat(path).st_mtime
+        return float(f.timestamp)
+
+    return min(failures.items(), key=lambda item: (item[1].exitcode == -signal.SIGTERM, when(item[1]), item[0]))
+
+
+def _failure_report(failures: dict) -> int:
+    codes = {f.exitcode for f in failures.values()}
+    if codes == {EXIT_RESUMABLE}:
+        return EXIT_RESUMABLE  # a stop signal sent to the workers themselves; they saved and said so
+    rank, failure = _first_failure(failures)
+    log = Path(str(failure.error_file).removesuffix(".error.json") + ".log")
+    if failure.exitcode == 2:
+        if rank != 0:  # only rank 0's output is on the console
+            print("\n".join(line for line in _tail(str(log), 40).splitlines() if line.startswith("error:")) or _tail(str(log)), file=sys.stderr)
+        return 2
+    others = sorted(r for r in failures if r != rank)
+    then = f" (then rank(s) {', '.join(map(str, others))} stopped too)" if others else ""
+    signal_text = f" (signal {failure.signal_name()})" if failure.exitcode < 0 else ""
+    print(f"error: rank {rank} failed first: it exited with code {failure.exitcode}{signal_text}{then}. Last lines of {log}:\n{_tail(str(log))}",
+          file=sys.stderr)
+    return 1
 
 
 def _stop_report(recipe, sig: signal.Signals, step_before: int) -> int:
@@ -144,18 +178,5 @@ def launch(recipe_path: str, overrides: list, recipe) -> int:
     except SignalException as e:
         return _stop_report(recipe, e.sigval, step_before)
     except ChildFailedError as e:
-        codes = {f.exitcode for f in e.failures.values()}
-        _, failure = min(e.failures.items())
-        if codes == {2}:
-            return 2  # the worker already printed the error on the console (rank 0 is teed)
-        if codes == {EXIT_RESUMABLE}:
-            return EXIT_RESUMABLE  # a stop signal sent to the workers themselves; they saved and said so
-        log = log_dir / f"rank-{failure.local_rank}.log"
-        print(
-            f"error: rank {failure.local_rank} exited with code {failure.exitcode}"
-            f"{' (signal ' + failure.signal_name() + ')' if failure.exitcode < 0 else ''}. "
-            f"Last lines of {log}:\n{_tail(str(log))}",
-            file=sys.stderr,
-        )
-        return 1
+        return _failure_report(e.failures)
     return 0
