@@ -82,7 +82,8 @@ def chunked_token_loss_sum(model: torch.nn.Module, inputs: dict, labels: torch.T
     result: list = []
     with _head_computes_loss(head, labels, chunk_tokens, result):
         out = model(**inputs).logits
-    if len(result) != 1 or out.dim() != 0 or not torch.equal(out.detach(), result[0].detach()):
+    # equal_nan: a non-finite loss (an overflow, which DeepSpeed then skips) is still the head's own value
+    if len(result) != 1 or out.dim() != 0 or not torch.allclose(out.detach(), result[0].detach(), rtol=0, atol=0, equal_nan=True):
         raise RuntimeError(
             "train.loss_chunk_tokens: this model changes its logits after the output head (e.g. logit softcapping or "
             "scaling), so the loss cannot be computed from the head in chunks. Set train.loss_chunk_tokens=0."

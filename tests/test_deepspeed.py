@@ -117,11 +117,12 @@ import sys, torch
 from launcher.cli import main
 calls = 0
 def poison(module, args, output):
+    # The decoder's hidden states: the loss is computed from them through the head, in chunks or not.
     global calls
-    if type(module).__name__ == "LlamaForCausalLM" and module.training:
+    if type(module).__name__ == "LlamaModel" and module.training:
         calls += 1
         if calls == 3:
-            output.logits = output.logits * float("nan")
+            output.last_hidden_state = output.last_hidden_state * float("nan")
     return output
 torch.nn.modules.module.register_module_forward_hook(poison)
 raise SystemExit(main(sys.argv[1:]))

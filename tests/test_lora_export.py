@@ -189,12 +189,14 @@ def _drop_fingerprint(ckpt):
     with safe_open(str(path), "pt") as f:
         metadata = {**f.metadata(), "base_fingerprint": ""}
     save_file(load_file(path), str(path), metadata=metadata)
+    (ckpt / "MANIFEST.json").unlink()  # as a checkpoint from before fingerprints: it had no manifest either
 
 
 def test_export_of_a_checkpoint_without_verify_reference(lora_ddp_run, tmp_path):
     """Checkpoints written before verify_reference.safetensors existed still export, with a note in export.json."""
     source = _copy_checkpoint(lora_ddp_run, tmp_path / "step-000004")
     (source / "verify_reference.safetensors").unlink()
+    (source / "MANIFEST.json").unlink()  # such checkpoints had no manifest either (else the missing file reads as damage)
     proc = run_sft(["export", str(source), "--out", str(tmp_path / "out")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "export.json").read_text())
