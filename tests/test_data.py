@@ -48,6 +48,22 @@ def test_golden_mask_multi_turn(tok):
     assert tok.decode(enc["input_ids"][enc["reply_start"] : enc["reply_end"]]) == "see you<|im_end|>"
 
 
+def test_span_masks_by_bisection_match_the_token_by_token_rule():
+    """Ordered offsets take the bisection path, others the per-token loop: the same rule either way
+    (a token is trained if it overlaps a span, straddling ones included; the last span is the reply)."""
+    from launcher.data.tokenize import _mask_spans
+
+    ids = [10, 11, 12, 13, 14, 15]
+    spans = [(2, 5), (9, 12)]  # token 1 (1-3) straddles the first span's start; token 5 ends the text
+    ordered = [(0, 1), (1, 3), (3, 5), (5, 8), (8, 8), (9, 12)]
+    got = _mask_spans(ids, ordered, spans)
+    assert got["labels"] == [IGNORE, 11, 12, IGNORE, IGNORE, 15] and (got["reply_start"], got["reply_end"]) == (5, 6)
+    unordered = [(0, 1), (3, 5), (1, 3), (5, 8), (8, 8), (9, 12)]  # the loop: same rule, token by token
+    got = _mask_spans(ids, unordered, spans)
+    assert got["labels"] == [IGNORE, 11, 12, IGNORE, IGNORE, 15] and (got["reply_start"], got["reply_end"]) == (5, 6)
+    assert _mask_spans(ids, ordered, [(20, 30)])["labels"] == [IGNORE] * 6
+
+
 def test_completion_trains_completion_and_eos(tok):
     enc = tokenize_completion(tok, "Q: 2+2?\nA:", " 4")
     trained = [t for t, on in _trained(tok, enc) if on]

@@ -154,7 +154,8 @@ def _tokenize_fn(cfg: DataConfig, tokenizer, file: str, too_long: str):
                 enc[k] = enc[k][: cfg.max_seq_len]
             if enc["reply_end"] > cfg.max_seq_len:
                 enc["reply_start"] = enc["reply_end"] = 0  # the final reply is cut: not usable for generation
-        n_targets = sum(1 for t in enc["labels"][1:] if t != -100)
+        targets = enc["labels"][1:]
+        n_targets = len(targets) - targets.count(-100)
         if status != "dropped_too_long" and n_targets == 0:
             status = "dropped_no_target"
         return {**enc, "status": status, "n_targets": n_targets}

@@ -11,6 +11,7 @@ Prompt/completion: the completion and an appended EOS are trained, the prompt is
 
 from __future__ import annotations
 
+import bisect
 from typing import Dict, List, Tuple
 
 from launcher.errors import DataError
@@ -35,7 +36,8 @@ def assistant_spans(tokenizer, messages: List[dict], tools=None) -> Tuple[str, L
         if m["role"] != "assistant":
             continue
         before = render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
-        through = render(tokenizer, messages[: i + 1], tools=tools)
+        # The last turn's prefix is the whole conversation: one render fewer for the usual single reply.
+        through = full if i + 1 == len(messages) else render(tokenizer, messages[: i + 1], tools=tools)
         eos = tokenizer.eos_token or ""
         if not full.startswith(through) and eos and through.endswith(eos) and full.startswith(through[: -len(eos)]):
             through = through[: -len(eos)]  # templates like Phi-3's end the whole conversation with EOS, so each prefix does too
@@ -66,6 +68,15 @@ def _mask_spans(ids: List[int], offsets, spans) -> Dict[str, List[int]]:
     labels = [IGNORE] * len(ids)
     # The final reply's tokens, for exact-match evaluation by generation.
     last = (0, 0)
+    starts, ends = [a for a, _ in offsets], [b for _, b in offsets]
+    if starts == sorted(starts) and ends == sorted(ends):
+        # Offsets in order (as fast tokenizers give them): a span's tokens are one slice, found by bisection.
+        for s, e in spans:
+            lo, hi = bisect.bisect_right(ends, s), bisect.bisect_left(starts, e)  # any overlap: b > s and a < e
+            if lo < hi:
+                labels[lo:hi] = ids[lo:hi]
+                last = (lo, hi)
+        return {"input_ids": ids, "labels": labels, "reply_start": last[0], "reply_end": last[1]}
     for s, e in spans:
         first = None
         for t, (a, b) in enumerate(offsets):
