@@ -133,6 +133,7 @@ def run(recipe, dist, stop=None) -> dict:
         "train_dtype": str(resolve_dtype(recipe.model.dtype, dist.device)).removeprefix("torch."),
         "base_model": str(Path(path).resolve()),
         "sequence_labels": sequence_labels(classes),  # a sequence classifier: export builds one with these classes
+        "data_files": data_files(prepared.stats),  # content digests: a resume refuses edited data
         "init_from": init_from,  # another run's checkpoint this run started from (its weights and optimizer moments)
     }
 
