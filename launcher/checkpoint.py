@@ -155,11 +155,14 @@ def _save_failed(root: Path, name: str, failed: list, error: Optional[BaseExcept
     if error is not None and getattr(error, "failures", None):  # DCP gathers every rank's exception
         error = next(iter(error.failures.values()))  # (exception, its stack)
         error = error[0] if isinstance(error, tuple) else error
-    mine = f"{type(error).__name__}: {str(error).strip()}" if error is not None else "another rank failed; its log says why"
+    mine = f"{type(error).__name__}: {str(error).strip()}" if error is not None else ""
+    # Collective (every rank is here): rank 0's console names each failing rank's own error.
+    causes = [(r, text) for r, text in enumerate(dist.all_gather_text(mine)) if text]
     ranks = ", ".join(str(r) for r in failed)
     free = shutil.disk_usage(root).free / 2**30 if root.exists() else float("nan")
     return SaveError(
-        f"saving checkpoint {name} under {root} ({free:.1f} GiB free) failed on rank {ranks} (rank {dist.rank}: {mine}). "
+        f"saving checkpoint {name} under {root} ({free:.1f} GiB free) failed on rank {ranks} "
+        f"({'; '.join(f'rank {r}: {text}' for r, text in causes[:2])}). "
         f"The previous checkpoint ({before.name if before else 'none'}) and `latest` are unchanged and nothing partial was kept. "
         "Free disk space or fix the directory's permissions, then run the same command again to resume from it."
     )

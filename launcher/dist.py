@@ -31,6 +31,14 @@ class Dist:
             torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM)
         return t
 
+    def all_gather_text(self, text: str) -> list:
+        """Every rank's `text`, by rank (an object collective: gloo on CPU, also beside NCCL)."""
+        if not self.distributed:
+            return [text]
+        texts = [None] * self.world_size
+        torch_dist.all_gather_object(texts, text)
+        return texts
+
     def barrier(self) -> None:
         if self.distributed:
             torch_dist.barrier()

@@ -31,6 +31,24 @@ def test_the_rank_that_failed_first_is_reported(tmp_path, cache_dir):
     assert "rank-1.log" in proc.stderr and "ValueError: rank 1 broke during evaluation (test)" in proc.stderr
 
 
+@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.slow), 3])
+def test_a_deepspeed_save_failing_on_one_rank_fails_every_rank_at_once(stage, tmp_path, cache_dir):
+    # Rank 1's writes inside DeepSpeed's save_checkpoint hit a real EFBIG (tests/helpers/small_files_rank1);
+    # rank 0's succeed. DeepSpeed barriers between its writes: without holding the error rank 0 would wait
+    # there for launch.collective_timeout_s (here 600 s, past this test's 300 s timeout).
+    helper = REPO / "tests" / "helpers" / "small_files_rank1"
+    env = {"PYTHONPATH": os.pathsep.join([str(helper), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    run_dir = tmp_path / "run"
+    args = ["run", QUICKSTART, "--nproc", "2", *_short(run_dir, cache_dir, "train.eval_every=0", "checkpoint.every_steps=1",
+                                                        "strategy.backend=deepspeed", f"strategy.zero_stage={stage}",
+                                                        "launch.collective_timeout_s=600")]
+    proc = run_sft(args, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "saving checkpoint step-000001" in proc.stderr and "failed on rank 1 (rank 1: RuntimeError" in proc.stderr, proc.stderr[-3000:]
+    assert "The previous checkpoint (none) and `latest` are unchanged" in proc.stderr and "Traceback" not in proc.stderr
+    assert not list((run_dir / "checkpoints").iterdir())  # nothing committed, nothing partial left
+
+
 def _wait_for(predicate, timeout=300, what="a condition"):
     deadline = time.monotonic() + timeout
     while not predicate():

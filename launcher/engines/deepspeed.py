@@ -165,6 +165,43 @@ def _ensure_process_group(dist) -> None:
     deepspeed.init_distributed(dist_backend=backend)
 
 
+@contextlib.contextmanager
+def _failed_writes_held(model):
+    """DeepSpeed's save_checkpoint puts barriers between its writes, so a rank whose write raises (a
+    full disk) leaves its peers waiting in the next barrier until the collective timeout. Inside this
+    block a failed write is recorded, the rank's later writes are skipped and it passes the same
+    barriers as its peers; the first error is raised once DeepSpeed returns, where checkpoint.save
+    tells every rank."""
+    errors = []
+
+    def held(write):
+        def call(*args, **kwargs):
+            if errors:
+                return None
+            try:
+                return write(*args, **kwargs)
+            except Exception as e:  # torch.save reports a failed write as RuntimeError, copyfile as OSError
+                errors.append(e)
+                return None
+
+        return call
+
+    writers = [(model.checkpoint_engine, "save"), (model.checkpoint_engine, "makedirs"), (model, "_copy_recovery_script")]
+    shadowed = [(owner, name, vars(owner).get(name)) for owner, name in writers]
+    for owner, name in writers:
+        setattr(owner, name, held(getattr(owner, name)))
+    try:
+        yield
+    finally:
+        for owner, name, own in shadowed:
+            if own is None:
+                delattr(owner, name)  # the class's method shows through again
+            else:
+                setattr(owner, name, own)
+    if errors:
+        raise errors[0]
+
+
 @dataclass
 class DeepSpeedEngine:
     model: Any  # the deepspeed.DeepSpeedEngine: forward, backward, step
@@ -207,7 +244,8 @@ class DeepSpeedEngine:
     def save_checkpoint(self, path) -> None:
         # Our own COMPLETE marker commits the checkpoint (DeepSpeed's `latest` is written by rank 0
         # before the other ranks finish); frozen weights (a LoRA base) are not copied.
-        self.model.save_checkpoint(str(path), tag="deepspeed", client_state={}, save_latest=False, exclude_frozen_parameters=True)
+        with _failed_writes_held(self.model):
+            self.model.save_checkpoint(str(path), tag="deepspeed", client_state={}, save_latest=False, exclude_frozen_parameters=True)
 
     def load_checkpoint(self, path) -> None:
         # Explicit tag (DeepSpeed's own `latest` is not trusted, see save); a LoRA checkpoint has no
