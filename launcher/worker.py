@@ -212,6 +212,10 @@ def main(argv=None) -> int:
     _quiet_libraries()
     try:
         recipe = load_recipe(args.recipe, args.overrides)
+        if os.environ.get(LAUNCHED_ENV) == "1" and "RANK" in os.environ:
+            from launcher import heartbeat
+
+            heartbeat.start(Path(recipe.output_dir) / "logs", int(os.environ["RANK"]))  # watched by `sft run`
         stop = preemption.install(recipe.checkpoint.signal_grace_s)
         dist = dist_mod.init(recipe.launch.collective_timeout_s)
         finished = False

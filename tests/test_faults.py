@@ -49,6 +49,30 @@ def test_a_deepspeed_save_failing_on_one_rank_fails_every_rank_at_once(stage, tm
     assert not list((run_dir / "checkpoints").iterdir())  # nothing committed, nothing partial left
 
 
+def test_a_rank_that_hangs_fails_the_run_naming_it(tmp_path, cache_dir):
+    # SIGSTOP rank 1 mid-training: rank 0 waits in its next all-reduce. The launcher's watch kills the
+    # silent rank after launch.collective_timeout_s (15 s) and names it; without it the agent would then
+    # wait its shutdown grace (signal_grace_s + 30 = 330 s, past this test's timeout) on a stopped process.
+    run_dir = tmp_path / "run"
+    args = ["run", QUICKSTART, "--nproc", "2", *_short(run_dir, cache_dir, "train.max_steps=100000", "train.eval_every=0",
+                                                        "launch.collective_timeout_s=15", "checkpoint.signal_grace_s=300")]
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        alive, metrics = run_dir / "logs" / "rank-1.alive", run_dir / "metrics.jsonl"
+        _wait_for(lambda: proc.poll() is not None or (alive.exists() and metrics.exists() and '"step"' in metrics.read_text()),
+                  what="training to start")
+        assert proc.poll() is None, proc.communicate()
+        os.kill(int(alive.read_text().split()[1]), signal.SIGSTOP)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1, err[-3000:]
+    assert "error: rank 1 stopped responding" in err and "launch.collective_timeout_s=15" in err, err[-3000:]
+    assert "stopped (SIGSTOP, or a debugger)" in err
+
+
 def _wait_for(predicate, timeout=300, what="a condition"):
     deadline = time.monotonic() + timeout
     while not predicate():

@@ -22,7 +22,7 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from launcher import checkpoint
+from launcher import checkpoint, heartbeat
 from launcher.errors import UserError
 from launcher.preemption import EXIT_RESUMABLE
 from launcher.worker import LAUNCHED_ENV
@@ -57,7 +57,7 @@ class RankLogs(LogsSpecs):
 
 def _tail(path: str, lines: int = 15) -> str:
     try:
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:]) or "(empty)"
     except OSError:
         return "(no log)"
 
@@ -77,7 +77,12 @@ def _first_failure(failures: dict) -> tuple:
     return min(failures.items(), key=lambda item: (item[1].exitcode == -signal.SIGTERM, when(item[1]), item[0]))
 
 
-def _failure_report(failures: dict) -> int:
+def _failure_report(failures: dict, watch: heartbeat.Watch) -> int:
+    if watch.hung:  # the others failed because this one stopped answering
+        hung = watch.hung[min(watch.hung)]
+        log = Path(watch.log_dir) / f"rank-{hung.rank}.log"
+        print(f"error: {hung.describe(watch.timeout_s)} Last lines of {log}:\n{_tail(str(log))}", file=sys.stderr)
+        return 1
     codes = {f.exitcode for f in failures.values()}
     if codes == {EXIT_RESUMABLE}:
         return EXIT_RESUMABLE  # a stop signal sent to the workers themselves; they saved and said so
@@ -173,10 +178,11 @@ def launch(recipe_path: str, overrides: list, recipe) -> int:
         start_method="spawn",
         **extra,
     )
-    try:
-        elastic_launch(config, entrypoint=sys.executable)("-m", "launcher.worker", *worker_args)
-    except SignalException as e:
-        return _stop_report(recipe, e.sigval, step_before)
-    except ChildFailedError as e:
-        return _failure_report(e.failures)
+    with heartbeat.Watch(log_dir, la.collective_timeout_s) as watch:
+        try:
+            elastic_launch(config, entrypoint=sys.executable)("-m", "launcher.worker", *worker_args)
+        except SignalException as e:
+            return _stop_report(recipe, e.sigval, step_before)
+        except ChildFailedError as e:
+            return _failure_report(e.failures, watch)
     return 0
