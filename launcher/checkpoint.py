@@ -1,4 +1,8 @@
-"""Checkpoints: engine-native shards plus trainer state, committed atomically.
+"""Checkpoints: engine-native shards plus trainer state and RNG states, written by every rank and
+committed atomically by rank 0 (`save`), rotated, found again (`latest`, `resolve`) and restored
+(`read_state`, `restore_rng`). What makes a committed checkpoint trustworthy (the COMPLETE marker,
+MANIFEST.json, damage) is launcher/checkpoint_integrity.py's; reading its weights back into a model
+(export, resume's architecture check) is launcher/checkpoint_weights.py's.
 
 Layout of `output_dir/checkpoints/`:
 
@@ -11,6 +15,7 @@ Layout of `output_dir/checkpoints/`:
       hf/                    config, generation config, tokenizer (what export needs besides weights)
       verify_prompts.json    a few token sequences export checks its logits on
       verify_reference.safetensors  the live model's logits on them at save time, the base's fingerprint (verify.py)
+      MANIFEST.json          size and digest of every file above (checkpoint_integrity.py)
       COMPLETE               written last, after every rank has finished its shards
     latest                   the name of the newest complete checkpoint
 
@@ -19,40 +24,23 @@ LoRA runs save only trainable tensors (adapters, modules_to_save) and their opti
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
-import pickle
 import random
-import re
 import shutil
 import signal
-import warnings
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
+from launcher.checkpoint_integrity import COMPLETE, complete_checkpoints, step_of, write_manifest
 from launcher.errors import UserError
-
-COMPLETE = "COMPLETE"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def step_name(step: int) -> str:
     return f"step-{step:06d}"
-
-
-def complete_checkpoints(root: Path) -> list:
-    """This run's complete checkpoints, oldest first, ordered by step number (not as strings)."""
-    found = []
-    for p in root.iterdir() if root.is_dir() else []:
-        m = _STEP_DIR.match(p.name)
-        if m and (p / COMPLETE).is_file():
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
 
 
 def latest(run_dir: Path) -> Optional[Path]:
@@ -82,21 +70,6 @@ def resolve(path: Path) -> Path:
 
 def read_state(ckpt: Path) -> dict:
     return json.loads((ckpt / "trainer_state.json").read_text())
-
-
-_ARCHITECTURE = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size", "num_attention_heads")
-
-
-def model_differences(checkpoint_hf: Path, model_path: Path) -> list:
-    """How the model at `model_path` differs in architecture from the one a checkpoint was trained on."""
-    from transformers import AutoConfig
-
-    trained, found = AutoConfig.from_pretrained(checkpoint_hf), AutoConfig.from_pretrained(model_path)
-    return [
-        f"{k} is {getattr(trained, k, None)!r} in the checkpoint but {getattr(found, k, None)!r} in {model_path}"
-        for k in _ARCHITECTURE
-        if getattr(trained, k, None) != getattr(found, k, None)
-    ]
 
 
 def _rng_file(ckpt: Path, rank: int, suffix: str = ".safetensors") -> Path:
@@ -224,64 +197,9 @@ def _remove(path: Path) -> None:
     shutil.rmtree(doomed)
 
 
-MANIFEST = "MANIFEST.json"
-
-
-def _write_manifest(ckpt: Path) -> None:
-    """Size and content digest of every file, recorded before COMPLETE: a copy cut short or bit rot is
-    found on resume and export (`damage`), not by a crash or silently wrong weights."""
-    from launcher.data.digest import content_digest
-
-    files = sorted(p for p in ckpt.rglob("*") if p.is_file())
-    manifest = {str(p.relative_to(ckpt)): {"size": p.stat().st_size, "digest": content_digest(str(p))} for p in files}
-    (ckpt / MANIFEST).write_text(json.dumps(manifest, indent=0))
-
-
-def damage(ckpt: Path) -> list:
-    """What no longer matches the checkpoint's manifest (missing, resized or changed files); [] when all
-    match or the checkpoint predates manifests."""
-    from launcher.data.digest import content_digest
-
-    path = Path(ckpt) / MANIFEST
-    if not path.is_file():
-        return []
-    found = []
-    for name, want in json.loads(path.read_text()).items():
-        f = Path(ckpt) / name
-        if not f.is_file():
-            found.append(f"{name} is missing")
-        elif f.stat().st_size != want["size"]:
-            found.append(f"{name} is {f.stat().st_size} bytes, {want['size']} when saved")
-        elif content_digest(str(f)) != want["digest"]:
-            found.append(f"{name} has changed since it was saved (its checksum differs)")
-    return found
-
-
-def previous_intact(ckpt: Path) -> Optional[Path]:
-    """The newest complete checkpoint before `ckpt` in its run whose files match their manifest."""
-    older = [p for p in complete_checkpoints(Path(ckpt).parent) if int(_STEP_DIR.match(p.name).group(1)) < int(_STEP_DIR.match(Path(ckpt).name).group(1))]
-    return next((p for p in reversed(older) if not damage(p)), None)
-
-
-def set_aside(ckpt: Path) -> Path:
-    """Rename a damaged checkpoint out of the way (kept, never deleted) and point `latest` at the newest
-    complete one left."""
-    root = Path(ckpt).parent
-    dest = root / f"damaged-{Path(ckpt).name}"
-    Path(ckpt).rename(dest)
-    done = complete_checkpoints(root)
-    if done:
-        pointer = root / ".latest.tmp"
-        pointer.write_text(done[-1].name + "\n")
-        os.replace(pointer, root / "latest")
-    elif (root / "latest").exists():
-        (root / "latest").unlink()
-    return dest
-
-
 def _commit(tmp: Path, root: Path, step: int, keep_last: int) -> None:
     final = root / step_name(step)
-    _write_manifest(tmp)
+    write_manifest(tmp)
     (tmp / COMPLETE).write_text("")
     if final.exists():  # the same step saved again (a resumed run passing an older run's step)
         _remove(final)
@@ -289,7 +207,7 @@ def _commit(tmp: Path, root: Path, step: int, keep_last: int) -> None:
     pointer = root / ".latest.tmp"
     pointer.write_text(final.name + "\n")
     os.replace(pointer, root / "latest")  # atomic: readers see the old or the new name, never half
-    older = [p for p in complete_checkpoints(root) if int(_STEP_DIR.match(p.name).group(1)) < step]
+    older = [p for p in complete_checkpoints(root) if step_of(p) < step]
     for p in older[: max(0, len(older) - (keep_last - 1))]:
         _remove(p)
 
@@ -329,75 +247,3 @@ def restore_rng(ckpt: Path, rank: int) -> bool:
         if cuda is not None:
             torch.cuda.set_rng_state(cuda, torch.cuda.current_device())
     return True
-
-
-# Reading weights back (export), without a process group or a GPU.
-
-
-def _mismatch(ckpt: Path, detail: str) -> UserError:
-    return UserError(
-        f"checkpoint {ckpt} does not fit the model built from its recipe ({detail}). It was made with a "
-        "different model or LoRA setting; export it with the recipe (and base model) it was trained with."
-    )
-
-
-def _dcp_tensors(path: Path, target: dict, ckpt: Path) -> Iterable[str]:
-    import torch.distributed.checkpoint as dcp
-
-    metadata = dcp.FileSystemReader(str(path)).read_metadata()
-    names = [k[len("model."):] for k in metadata.state_dict_metadata if k.startswith("model.")]
-    unknown = [n for n in names if n not in target]
-    if unknown:
-        raise _mismatch(ckpt, f"it holds {unknown[0]!r}, which the model has not")
-    with warnings.catch_warnings():
-        # Export reads on one process without a group; DCP warns that it assumes one process, which is right.
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load({"model": {n: target[n] for n in names}}, checkpoint_id=str(path))
-    return names
-
-
-def _deepspeed_tensors(path: Path, target: dict, ckpt: Path, zero_stage: int) -> Iterable[str]:
-    if zero_stage == 0:
-        # weights_only: unpickling a checkpoint someone else wrote must not run code. ZeRO-0's file holds the
-        # module's tensors, the optimizer's (torch's, or DeepSpeed's fp16/bf16 wrapper's: tensors and numbers),
-        # torch.Size shapes, ints, strings and the DeepSpeed config: nothing else.
-        file = path / "deepspeed" / "mp_rank_00_model_states.pt"
-        try:
-            state = torch.load(file, map_location="cpu", weights_only=True)["module"]
-        except pickle.UnpicklingError as e:
-            raise UserError(
-                f"{file} holds Python objects other than tensors ({str(e).strip().splitlines()[0]}), which sft export does not "
-                "unpickle (that could run code from whoever wrote the checkpoint). Export a checkpoint this tool wrote."
-            ) from None
-    else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints a progress report per file
-            state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag="deepspeed", exclude_frozen_parameters=True, lazy_mode=True)
-    for name in state:
-        if name not in target:
-            raise _mismatch(ckpt, f"it holds {name!r}, which the model has not")
-        value = state[name]
-        value = value.contiguous() if not isinstance(value, torch.Tensor) else value  # lazy: read one at a time
-        if value.shape != target[name].shape:
-            raise _mismatch(ckpt, f"{name} has shape {tuple(value.shape)} there, {tuple(target[name].shape)} in the model")
-        with torch.no_grad():
-            target[name].copy_(value)
-    return list(state)
-
-
-def load_weights(ckpt: Path, model: torch.nn.Module) -> int:
-    """Copy a checkpoint's trained tensors into `model` (on CPU); every trainable parameter of `model`
-    must be among them. Returns how many tensors were read."""
-    state = read_state(ckpt)
-    target = model.state_dict(keep_vars=True)
-    target = {k: (v.data if isinstance(v, torch.nn.Parameter) else v) for k, v in target.items()}
-    if state["backend"] == "deepspeed":
-        names = _deepspeed_tensors(ckpt / "model", target, ckpt, state.get("zero_stage", 0))
-    else:
-        names = _dcp_tensors(ckpt / "model", target, ckpt)
-    read = set(names)
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in read]
-    if missing:
-        raise _mismatch(ckpt, f"it has no value for {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-    return len(read)

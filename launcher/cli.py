@@ -120,16 +120,16 @@ def _submit(args, overrides) -> int:
 def _intact(recipe, start):
     """The checkpoint to start from, after setting aside this run's damaged ones (a shard cut short or changed
     since its commit); another run's damaged checkpoint is refused, naming its previous intact one."""
-    from launcher import checkpoint, resume
+    from launcher import checkpoint_integrity, resume
     from launcher.errors import UserError
 
-    while start is not None and (broken := checkpoint.damage(start)):
+    while start is not None and (broken := checkpoint_integrity.damage(start)):
         what = "; ".join(broken[:3]) + (f"; and {len(broken) - 3} more" if len(broken) > 3 else "")
         if not resume.continues(recipe, start):
-            prev = checkpoint.previous_intact(start)
+            prev = checkpoint_integrity.previous_intact(start)
             offer = f"Its run's previous intact checkpoint is {prev}: set checkpoint.resume={prev}." if prev else "Its run has no intact earlier checkpoint."
             raise UserError(f"checkpoint.resume: checkpoint {start} is damaged ({what}). {offer}")
-        moved = checkpoint.set_aside(start)
+        moved = checkpoint_integrity.set_aside(start)
         print(f"checkpoint {start} is damaged ({what}); moved it to {moved} and continuing from the previous one, if any.", flush=True)
         start = resume.start_checkpoint(recipe)
     return start

@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError  # safetensors' write errors (a full disk) are not OSError
 from transformers import GenerationConfig
 
-from launcher import checkpoint, verify
+from launcher import checkpoint, checkpoint_integrity, checkpoint_weights, verify
 from launcher.errors import UserError
 from launcher.model import DTYPES, add_lora, load_model, load_tokenizer, materialize, quiet_peft
 
@@ -57,7 +57,7 @@ def _check_base(base: Path, hf: Path, ckpt: Path, recorded: Optional[dict]) -> s
             f"the base model of LoRA checkpoint {ckpt} is missing: {base} has no config.json. Put the base model "
             "back at that path (or pass model.path=DIR to `sft export` to name where it is now)."
         )
-    diff = checkpoint.model_differences(hf, base)
+    diff = checkpoint_weights.model_differences(hf, base)
     if diff:
         raise UserError(
             f"the base model at {base} is not the one LoRA checkpoint {ckpt} was trained on: {diff[0]}. Point model.path at the original base."
@@ -86,7 +86,7 @@ def trained_model(ckpt: Path, recipe, state: dict, base: Path, pad_token_id) -> 
         # Weights come from the checkpoint: build an empty skeleton from its config, in fp32 (the master copy).
         model = load_model(hf, recipe.model, torch.float32, torch.device("cpu"), weights=False, **head)
         materialize(model, torch.device("cpu"))
-    checkpoint.load_weights(ckpt, model)
+    checkpoint_weights.load_weights(ckpt, model)
     if not state["lora"]:
         model.tie_weights()
     return model.eval()
@@ -215,9 +215,9 @@ def export(source: Path, out: Path, adapter_only: bool = False, overrides: Optio
 
     out = Path(out)
     ckpt = checkpoint.resolve(Path(source))
-    broken = checkpoint.damage(ckpt)
+    broken = checkpoint_integrity.damage(ckpt)
     if broken:
-        prev = checkpoint.previous_intact(ckpt)
+        prev = checkpoint_integrity.previous_intact(ckpt)
         offer = f"The previous checkpoint {prev} is intact: sft export {prev} --out {out}." if prev else "This run has no intact earlier checkpoint."
         raise UserError(f"checkpoint {ckpt} is damaged: {'; '.join(broken[:3])}. Nothing was written. {offer}")
     earlier = replace_earlier_export and (out / "export.json").is_file()

@@ -1,4 +1,7 @@
-"""The memory a run needs per rank, by engine and world size, and whether it fits the GPU.
+"""The memory a run needs per rank, by engine and world size, and whether it fits the GPU: the
+plan (launcher/plan.py) calls `memory_setup` to read what decides it off the recipe and the
+weightless model, `estimate` counts the bytes, and `describe` writes the plan's memory lines
+with the verdict against the GPU (`gpu_memory`) and the changes that would make it fit.
 
 State (parameters, gradients, AdamW moments, fp32 master weights) follows what each engine
 here holds, as benchmarks/memory_scaling.py measures it (tests/test_sharding.py checks
@@ -14,6 +17,10 @@ plus one recomputed layer under gradient checkpointing; logits are the output he
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+
+import torch
+
+from launcher.recipe import Recipe
 
 GIB = 2**30
 # Left free for the CUDA context, NCCL buffers and allocator fragmentation.
@@ -45,6 +52,46 @@ class Setup:
     trainable: int  # what is trained: params, or LoRA's adapters
     micro_batch: int
     gradient_checkpointing: bool
+
+
+def gpu_memory(recipe: Recipe) -> tuple:
+    """(bytes per GPU, where that number came from), or (None, None) with neither a GPU nor launch.gpu_memory_gib."""
+    if recipe.launch.gpu_memory_gib:
+        return recipe.launch.gpu_memory_gib * 2**30, "launch.gpu_memory_gib"
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return props.total_memory, f"the detected {props.name}"
+    return None, None
+
+
+def memory_setup(recipe: Recipe, config, skeleton, params: int, trainable, batches, world: int, sequence_head: bool, longest: int):
+    """What decides a rank's memory in this recipe's run, from the model's config and weightless skeleton.
+    `longest`: the longest training row; a padded micro-batch is padded to its longest row, so no step is
+    longer. A packed micro-batch holds up to pack_tokens = micro batch x a row's tokens, planned as full."""
+    micro = batches.micro_batch_size
+    row = recipe.data.max_seq_len if batches.pack_tokens else min(longest, recipe.data.max_seq_len)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = text.hidden_size
+    heads = getattr(text, "num_attention_heads", 1)
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    # LoRA r 16 on every linear layer but the head: what "try LoRA" would train
+    lora16 = sum(16 * (m.in_features + m.out_features) for name, m in skeleton.named_modules()
+                 if isinstance(m, torch.nn.Linear) and not name.endswith(("lm_head", "score", "classifier")))
+    dtype = recipe.model.dtype
+    if dtype == "auto":  # what the run will use where it runs: bfloat16 on a GPU
+        dtype = "bfloat16" if gpu_memory(recipe)[0] is not None else "float32"
+    st = recipe.strategy
+    return Setup(
+        params=params, lora_trainable=lora16, weight_bytes=4 if dtype == "float32" else 2,
+        layers=text.num_hidden_layers, hidden=hidden, kv_hidden=getattr(text, "num_key_value_heads", heads) * head_dim,
+        intermediate=getattr(text, "intermediate_size", 4 * hidden), heads=heads,
+        vocab=0 if sequence_head else text.vocab_size, seq_len=row, loss_chunk_tokens=0 if sequence_head else recipe.train.loss_chunk_tokens,
+        eager_attention=recipe.model.attn_implementation == "eager", backend=st.backend, zero_stage=st.zero_stage,
+        offload_optimizer=st.offload_optimizer and st.backend == "deepspeed",
+        offload_params=(st.offload_params and st.backend == "deepspeed") or (st.cpu_offload and st.backend == "fsdp"),
+        reshard_after_forward=st.reshard_after_forward, world=world, trainable=params if trainable is None else trainable,
+        micro_batch=micro, gradient_checkpointing=recipe.model.gradient_checkpointing,
+    )
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 `sft plan` prints this; `sft run` and `sft submit` run the same checks first. The data
 is tokenized here (into the cache the workers read), so every row is checked and the
-step counts are exact, not estimates.
+step counts are exact, not estimates. The memory estimate it prints is launcher/memory.py's.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from launcher.data.prepare import FileStats, prepare
 from launcher.data.stats import length_summary, padding_waste, row_lengths
 from launcher.data.tokenize import TemplateError, end_of_turn_check
 from launcher.errors import UserError
-from launcher.memory import Setup, describe
+from launcher.memory import describe, gpu_memory, memory_setup
 from launcher.model import load_tokenizer, model_dir
 from launcher.recipe import Recipe
 from launcher.train import Schedule, make_schedule
@@ -236,45 +236,6 @@ def make_plan(recipe: Recipe, here: bool = True) -> Plan:
     )
 
 
-def _gpu_memory(recipe: Recipe) -> tuple:
-    """(bytes per GPU, where that number came from), or (None, None) with neither a GPU nor launch.gpu_memory_gib."""
-    if recipe.launch.gpu_memory_gib:
-        return recipe.launch.gpu_memory_gib * 2**30, "launch.gpu_memory_gib"
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        return props.total_memory, f"the detected {props.name}"
-    return None, None
-
-
-def memory_setup(recipe: Recipe, config, skeleton, params: int, trainable, batches, world: int, sequence_head: bool, longest: int):
-    """`longest`: the longest training row; a padded micro-batch is padded to its longest row, so no step is
-    longer. A packed micro-batch holds up to pack_tokens = micro batch x a row's tokens, planned as full."""
-    micro = batches.micro_batch_size
-    row = recipe.data.max_seq_len if batches.pack_tokens else min(longest, recipe.data.max_seq_len)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    hidden = text.hidden_size
-    heads = getattr(text, "num_attention_heads", 1)
-    head_dim = getattr(text, "head_dim", None) or hidden // heads
-    # LoRA r 16 on every linear layer but the head: what "try LoRA" would train
-    lora16 = sum(16 * (m.in_features + m.out_features) for name, m in skeleton.named_modules()
-                 if isinstance(m, torch.nn.Linear) and not name.endswith(("lm_head", "score", "classifier")))
-    dtype = recipe.model.dtype
-    if dtype == "auto":  # what the run will use where it runs: bfloat16 on a GPU
-        dtype = "bfloat16" if _gpu_memory(recipe)[0] is not None else "float32"
-    st = recipe.strategy
-    return Setup(
-        params=params, lora_trainable=lora16, weight_bytes=4 if dtype == "float32" else 2,
-        layers=text.num_hidden_layers, hidden=hidden, kv_hidden=getattr(text, "num_key_value_heads", heads) * head_dim,
-        intermediate=getattr(text, "intermediate_size", 4 * hidden), heads=heads,
-        vocab=0 if sequence_head else text.vocab_size, seq_len=row, loss_chunk_tokens=0 if sequence_head else recipe.train.loss_chunk_tokens,
-        eager_attention=recipe.model.attn_implementation == "eager", backend=st.backend, zero_stage=st.zero_stage,
-        offload_optimizer=st.offload_optimizer and st.backend == "deepspeed",
-        offload_params=(st.offload_params and st.backend == "deepspeed") or (st.cpu_offload and st.backend == "fsdp"),
-        reshard_after_forward=st.reshard_after_forward, world=world, trainable=params if trainable is None else trainable,
-        micro_batch=micro, gradient_checkpointing=recipe.model.gradient_checkpointing,
-    )
-
-
 def _task(recipe: Recipe, classes) -> str:
     if classes is None:
         return f"sft on data.format {recipe.data.format}"
@@ -358,7 +319,7 @@ def format_plan(plan: Plan, recipe: Recipe) -> str:
     if recipe.train.loss_chunk_tokens:
         lines.append(f"loss         cross-entropy in chunks of {recipe.train.loss_chunk_tokens} target tokens (no full float32 logits)")
     lines += [f"warning      {w}" for w in plan.warnings]
-    lines += describe(plan.memory, *_gpu_memory(recipe))
+    lines += describe(plan.memory, *gpu_memory(recipe))
     lines.append(f"output_dir   {recipe.output_dir}")
     return "\n".join(lines)
 

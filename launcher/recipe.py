@@ -1,22 +1,21 @@
-"""Recipes: typed OmegaConf structured configs, loaded from YAML + dotlist overrides.
-
-A recipe is merged in this order: its `extends:` base (recursively), the file itself,
-then `key=value` overrides. Each source is merged separately so an error can name the
-file (or the override) that caused it.
+"""Recipes: the schema (typed OmegaConf structured dataclasses, a comment on each field) and
+`load_recipe`, which merges a recipe's sources over the schema's defaults, resolves `${...}`
+interpolations once and validates the result (launcher/recipe_checks.py), and `to_dict` for
+saving it. Reading the YAML files, their `extends:` bases and the `key=value` overrides, and
+the messages that name the source of a mistake, are launcher/recipe_files.py's.
 """
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import yaml
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, OmegaConf
 from omegaconf import errors as oc_errors
 
 from launcher.errors import RecipeError
+from launcher.recipe_files import layers, merge, type_message
 
 
 @dataclass
@@ -269,88 +268,11 @@ class Recipe:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-def _read_yaml(path: Path) -> Dict[str, Any]:
-    if not path.is_file():
-        raise RecipeError(f"Recipe file {path} does not exist. Check the path (it is relative to the current directory).")
-    try:
-        data = OmegaConf.load(path)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise RecipeError(f"{path}: YAML syntax error{where}: {problem}. Fix the YAML at that position.") from None
-    if not isinstance(data, DictConfig):
-        raise RecipeError(f"{path}: a recipe must be a YAML mapping of sections (model:, data:, train:, ...), not a list or a scalar.")
-    return data
-
-
-def _keys_at(dotted: str) -> List[str]:
-    """The valid keys of the schema section at a dotted path ('' for the top level)."""
-    node = OmegaConf.structured(Recipe)
-    node = OmegaConf.select(node, dotted) if dotted else node
-    return list(node.keys()) if isinstance(node, DictConfig) else []
-
-
-def _unknown_key_message(source: str, full_key: str) -> str:
-    parent, _, leaf = full_key.rpartition(".")
-    valid = _keys_at(parent)
-    close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.5)
-    hint = f" Did you mean `{parent + '.' if parent else ''}{close[0]}`?" if close else ""
-    where = f"`{parent}`" if parent else "the top level"
-    listing = f" Valid keys in {where}: {', '.join(valid)}." if valid else f" {where} takes no settings yet."
-    return f"{source}: unknown key `{full_key}`.{hint}{listing}"
-
-
-def _type_message(source: str, e: oc_errors.OmegaConfBaseException) -> str:
-    key = str(getattr(e, "full_key", "") or "?")
-    msg = str(getattr(e, "msg", e)).splitlines()[0]
-    return f"{source}: wrong type for `{key}`: {msg}. Give `{key}` a value of the type its default has (see recipes/quickstart.yaml)."
-
-
-def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
-    try:
-        return OmegaConf.merge(base, other)
-    except oc_errors.ConfigKeyError as e:
-        raise RecipeError(_unknown_key_message(source, str(e.full_key))) from None
-    except oc_errors.ValidationError as e:
-        raise RecipeError(_type_message(source, e)) from None
-
-
-def _load_with_bases(path: Path, seen: List[Path]) -> List[tuple]:
-    """[(source name, config)] from the deepest base to this file."""
-    path = path.resolve()
-    if path in seen:
-        chain = " -> ".join(str(p) for p in seen + [path])
-        raise RecipeError(f"Recipe `extends:` loop: {chain}. Remove one of the `extends:` lines.")
-    data = _read_yaml(path)
-    base = data.pop("extends", None) if "extends" in data else None
-    layers = []
-    if base is not None:
-        if not isinstance(base, str):
-            raise RecipeError(f"{path}: `extends` must be the path of a base recipe (a string).")
-        target = path.parent / base
-        if not target.is_file():
-            raise RecipeError(
-                f"{path}: `extends: {base}` names {target.resolve()}, which does not exist. A relative `extends` path is "
-                f"relative to the recipe's own directory ({path.parent}), not to the current directory; fix the path."
-            )
-        layers = _load_with_bases(target, seen + [path])
-    return layers + [(str(path), data)]
-
-
 def load_recipe(path: str | Path, overrides: Optional[List[str]] = None) -> Recipe:
     """Load, merge, validate and resolve a recipe. Raises RecipeError for user mistakes."""
     cfg = OmegaConf.structured(Recipe)
-    for source, layer in _load_with_bases(Path(path), []):
-        cfg = _merge(cfg, layer, source)
-    for item in overrides or []:
-        if "=" not in item:
-            raise RecipeError(f"Override `{item}` is not of the form key=value (e.g. train.max_steps=40).")
-        try:
-            dot = OmegaConf.from_dotlist([item])
-        except Exception as e:  # omegaconf raises several types for bad dotlists
-            raise RecipeError(f"Override `{item}` could not be parsed: {e}.") from None
-        cfg = _merge(cfg, dot, f"override `{item}`")
+    for source, layer in layers(Path(path), overrides):
+        cfg = merge(cfg, layer, source, Recipe)
     try:
         OmegaConf.resolve(cfg)
         missing = sorted(OmegaConf.missing_keys(cfg))
@@ -360,7 +282,7 @@ def load_recipe(path: str | Path, overrides: Optional[List[str]] = None) -> Reci
     except oc_errors.InterpolationResolutionError as e:
         raise RecipeError(f"{path}: could not resolve `{getattr(e, 'full_key', '')}`: {str(e).splitlines()[0]}.") from None
     except oc_errors.ValidationError as e:
-        raise RecipeError(_type_message(str(path), e)) from None
+        raise RecipeError(type_message(str(path), e)) from None
     from launcher.recipe_checks import validate
 
     validate(recipe)

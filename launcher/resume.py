@@ -23,7 +23,7 @@ from typing import Optional
 
 import yaml
 
-from launcher import checkpoint
+from launcher import checkpoint, checkpoint_weights
 from launcher.errors import UserError
 from launcher.recipe import to_dict
 
@@ -95,7 +95,7 @@ def check(recipe, ckpt: Path, model_path: Path, global_batch: int, total_steps: 
     for key in _LORA_SHAPE:
         compare(f"lora.{key}", old.get("lora", {}).get(key), new["lora"][key])
     compare("model.dtype", old.get("model", {}).get("dtype"), new["model"]["dtype"])
-    problems += checkpoint.model_differences(ckpt / "hf", model_path)
+    problems += checkpoint_weights.model_differences(ckpt / "hf", model_path)
     info = ckpt / "classification.json"
     labels_then = json.loads(info.read_text())["labels"] if info.is_file() else None
     labels_now = classes.names if classes is not None else None

@@ -306,7 +306,7 @@ def test_zero0_checkpoint_is_read_without_unpickling_code(tmp_path, cache_dir):
     import torch
     from safetensors.torch import load_file
 
-    from launcher import builtin, checkpoint
+    from launcher import builtin, checkpoint_weights
     from launcher.errors import UserError
     from launcher.model import load_model
     from launcher.recipe import load_recipe
@@ -319,7 +319,7 @@ def test_zero0_checkpoint_is_read_without_unpickling_code(tmp_path, cache_dir):
     recipe = load_recipe(QUICKSTART, [])
     model = load_model(builtin.materialize("builtin:tiny-llama", cache_dir), recipe.model, torch.float32, torch.device("cpu"))
     before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
-    assert checkpoint.load_weights(ckpt, model) > 0
+    assert checkpoint_weights.load_weights(ckpt, model) > 0
     loaded, expected = model.model.layers[0].self_attn.q_proj.weight, load_file(ckpt / "expected.safetensors")["q"]
     assert torch.equal(loaded, expected) and not torch.equal(loaded, before)
 
@@ -329,7 +329,7 @@ def test_zero0_checkpoint_is_read_without_unpickling_code(tmp_path, cache_dir):
 
     torch.save({"module": RunsCode()}, ckpt / "model" / "deepspeed" / "mp_rank_00_model_states.pt")
     with pytest.raises(UserError, match="holds Python objects other than tensors"):
-        checkpoint.load_weights(ckpt, model)
+        checkpoint_weights.load_weights(ckpt, model)
     assert not (tmp_path / "ran").exists()
 
 
