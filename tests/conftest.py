@@ -6,6 +6,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two test files run at once (pyproject's -n 2, one file per worker, in order): one thread per
+    # process keeps a worker's runs from spinning OpenMP threads on the other's cores.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
