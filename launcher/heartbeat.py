@@ -32,8 +32,11 @@ def _file(log_dir: Path, rank: int) -> Path:
 def start(log_dir: Path, rank: int) -> None:
     """In a worker: beat until the process ends (the thread is a daemon)."""
     path = _file(log_dir, rank)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"{socket.gethostname()} {os.getpid()}\n")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{socket.gethostname()} {os.getpid()}\n")
+    except OSError:
+        return  # unwatched is better than not training; the collective timeout still applies
 
     def beat():
         while True:
