@@ -29,8 +29,11 @@ def _file(log_dir: Path, rank: int) -> Path:
     return Path(log_dir) / f"rank-{rank}.alive"
 
 
+_stopped = threading.Event()
+
+
 def start(log_dir: Path, rank: int) -> None:
-    """In a worker: beat until the process ends (the thread is a daemon)."""
+    """In a worker: beat until `stop` (or the process's end: the thread is a daemon)."""
     path = _file(log_dir, rank)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -39,13 +42,20 @@ def start(log_dir: Path, rank: int) -> None:
         return  # unwatched is better than not training; the collective timeout still applies
 
     def beat():
-        while True:
-            time.sleep(BEAT_S)
+        while not _stopped.wait(BEAT_S):
             now = time.time()  # this host's clock, also on a shared file system (the watch compares with it)
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(Exception):  # a beat that dies would read as a hang
                 os.utime(path, (now, now))
 
     threading.Thread(target=beat, name="sft-heartbeat", daemon=True).start()
+
+
+def stop(log_dir: Path, rank: int) -> None:
+    """In a worker whose process group is gone: no peer can wait on it any more, so a long export
+    that keeps the interpreter busy must not read as a hang."""
+    _stopped.set()
+    with contextlib.suppress(OSError):
+        _file(log_dir, rank).unlink()
 
 
 def _state(pid: int) -> Optional[str]:

@@ -205,16 +205,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from launcher import dist as dist_mod
-    from launcher import preemption
+    from launcher import heartbeat, preemption
     from launcher.errors import UserError
     from launcher.recipe import load_recipe
 
     _quiet_libraries()
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-        if os.environ.get(LAUNCHED_ENV) == "1" and "RANK" in os.environ:
-            from launcher import heartbeat
-
+        watched = os.environ.get(LAUNCHED_ENV) == "1" and "RANK" in os.environ
+        if watched:
             heartbeat.start(Path(recipe.output_dir) / "logs", int(os.environ["RANK"]))  # watched by `sft run`
         stop = preemption.install(recipe.checkpoint.signal_grace_s)
         dist = dist_mod.init(recipe.launch.collective_timeout_s)
@@ -232,6 +231,8 @@ def main(argv=None) -> int:
             return preemption.EXIT_RESUMABLE
         finally:
             dist_mod.shutdown(synchronise=finished)  # after a stop, the group is already gone
+            if watched:
+                heartbeat.stop(Path(recipe.output_dir) / "logs", int(os.environ["RANK"]))
         if dist.is_main:
             # Export runs after the group is gone: a long export must not hit a peer's collective timeout.
             import gc
