@@ -63,6 +63,7 @@ def test_two_rank_run_logs_evaluates_and_exports(tmp_path, cache_dir):
     assert {"eval_perplexity", "eval_token_accuracy", "eval_exact_match"} <= set(evals[-1])
     for rank in (0, 1):
         assert (run_dir / "logs" / f"rank-{rank}.log").is_file()
+    assert not list((run_dir / "logs").glob("*.alive"))  # heartbeats end with the process group
     saved = (run_dir / "recipe.yaml").read_text()
     assert "nproc_per_node: 2" in saved and "max_steps: 6" in saved
 
