@@ -124,13 +124,13 @@ def _all_ok(dist, ok: bool) -> list:
 
 
 def _save_failed(root: Path, name: str, failed: list, error: Optional[BaseException], dist) -> SaveError:
-    before = latest(root.parent)
     if error is not None and getattr(error, "failures", None):  # DCP gathers every rank's exception
         error = next(iter(error.failures.values()))  # (exception, its stack)
         error = error[0] if isinstance(error, tuple) else error
     mine = f"{type(error).__name__}: {str(error).strip()}" if error is not None else ""
     # Collective (every rank is here): rank 0's console names each failing rank's own error.
     causes = [(r, text) for r, text in enumerate(dist.all_gather_text(mine)) if text]
+    before = latest(root.parent)
     ranks = ", ".join(str(r) for r in failed)
     free = shutil.disk_usage(root).free / 2**30 if root.exists() else float("nan")
     return SaveError(

@@ -29,6 +29,15 @@ def _file(log_dir: Path, rank: int) -> Path:
     return Path(log_dir) / f"rank-{rank}.alive"
 
 
+def _started(pid: int) -> Optional[str]:
+    """When the process started (clock ticks since boot, /proc/PID/stat field 22): with the pid, names one
+    process even after the pid is reused. None if it is gone or /proc is not there."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
 _stopped = threading.Event()
 
 
@@ -37,7 +46,7 @@ def start(log_dir: Path, rank: int) -> None:
     path = _file(log_dir, rank)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"{socket.gethostname()} {os.getpid()}\n")
+        path.write_text(f"{socket.gethostname()} {os.getpid()} {_started(os.getpid())}\n")
     except OSError:
         return  # unwatched is better than not training; the collective timeout still applies
 
@@ -52,26 +61,18 @@ def start(log_dir: Path, rank: int) -> None:
 
 def stop(log_dir: Path, rank: int) -> None:
     """In a worker whose process group is gone: no peer can wait on it any more, so a long export
-    that keeps the interpreter busy must not read as a hang."""
-    _stopped.set()
-    with contextlib.suppress(OSError):
-        _file(log_dir, rank).unlink()
-
-
-def _state(pid: int) -> Optional[str]:
-    """The process's one-letter state (R, S, D, T, Z, ...), or None if it is gone."""
+    that keeps the interpreter busy must not read as a hang. If the file cannot be removed, it beats on."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        if b"launcher.worker" not in Path(f"/proc/{pid}/cmdline").read_bytes():
-            return None  # the pid was reused by something else
+        _file(log_dir, rank).unlink(missing_ok=True)
     except OSError:
-        return None
-    return stat.rpartition(")")[2].split()[0]
+        return
+    _stopped.set()
 
 
 @dataclass
 class Hung:
     rank: int
+    pid: int
     silent_s: float
     state: str
 
@@ -84,16 +85,20 @@ class Hung:
 
 
 class Watch:
-    """In the launcher: a thread that kills this host's workers once silent for longer than `timeout_s`."""
+    """In the launcher: a thread that kills this host's workers once silent for longer than `timeout_s`.
+    A worker is judged only after its file's time has been seen to move (a file system that ignores
+    utime must not make every rank look hung), and only while its pid is still the process that wrote it."""
 
     def __init__(self, log_dir: Path, timeout_s: int):
         self.log_dir, self.timeout_s = Path(log_dir), timeout_s
-        self.hung: Dict[int, Hung] = {}
+        self.hung: Dict[int, Hung] = {}  # by pid: a restarted rank is a new process, watched afresh
         self._host = socket.gethostname()
+        self._first: Dict[int, float] = {}  # pid -> its file's first time seen
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sft-watch", daemon=True)
-        for rank, _ in self._local():  # a previous run's files, from this host
-            _file(self.log_dir, rank).unlink(missing_ok=True)
+        for rank, pid, started in self._local():  # a previous run's files, from this host
+            if _started(pid) != started:
+                _file(self.log_dir, rank).unlink(missing_ok=True)
 
     def __enter__(self) -> "Watch":
         self._thread.start()
@@ -106,22 +111,28 @@ class Watch:
     def _local(self):
         for path in self.log_dir.glob("rank-*.alive"):
             with contextlib.suppress(OSError, ValueError):
-                host, pid = path.read_text().split()
+                host, pid, started = path.read_text().split()
                 if host == self._host:
-                    yield int(path.name.split("-")[1].split(".")[0]), int(pid)
+                    yield int(path.name.split("-")[1].split(".")[0]), int(pid), started
+
+    def _check(self, rank: int, pid: int, started: str, since: float) -> None:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        state = stat.rpartition(")")[2].split()[0]
+        if started == "None" or _started(pid) != started or state == "Z" or pid in self.hung:
+            return  # gone, reused, exiting, or already handled
+        mtime = _file(self.log_dir, rank).stat().st_mtime
+        first = self._first.setdefault(pid, mtime)
+        silent = time.time() - max(since, mtime)
+        if mtime > first and silent > self.timeout_s:
+            self.hung[pid] = Hung(rank, pid, silent, state)
+            os.kill(pid, signal.SIGKILL)
 
     def _run(self) -> None:
         since = last = time.time()  # silence counts from `since` at the earliest
         while not self._done.wait(BEAT_S):
             if time.time() - last > 5 * BEAT_S:
                 since = time.time()  # this process was not running either (Ctrl-Z, a suspended machine)
-            last = time.time()
-            for rank, pid in list(self._local()):
-                state = _state(pid)
-                if state is None or state == "Z" or rank in self.hung:
-                    continue
-                with contextlib.suppress(OSError):
-                    silent = time.time() - max(since, _file(self.log_dir, rank).stat().st_mtime)
-                    if silent > self.timeout_s:
-                        self.hung[rank] = Hung(rank, silent, state)
-                        os.kill(pid, signal.SIGKILL)
+            for rank, pid, started in list(self._local()):
+                with contextlib.suppress(OSError, IndexError):
+                    self._check(rank, pid, started, since)
+            last = time.time()  # after the scan: a slow file system does not read as a suspended watch

@@ -35,14 +35,14 @@ def test_the_rank_that_failed_first_is_reported(tmp_path, cache_dir):
 def test_a_deepspeed_save_failing_on_one_rank_fails_every_rank_at_once(stage, tmp_path, cache_dir):
     # Rank 1's writes inside DeepSpeed's save_checkpoint hit a real EFBIG (tests/helpers/small_files_rank1);
     # rank 0's succeed. DeepSpeed barriers between its writes: without holding the error rank 0 would wait
-    # there for launch.collective_timeout_s (here 600 s, past this test's 300 s timeout).
+    # there for launch.collective_timeout_s (here 3600 s, past this test's 900 s timeout).
     helper = REPO / "tests" / "helpers" / "small_files_rank1"
     env = {"PYTHONPATH": os.pathsep.join([str(helper), str(REPO), os.environ.get("PYTHONPATH", "")])}
     run_dir = tmp_path / "run"
     args = ["run", QUICKSTART, "--nproc", "2", *_short(run_dir, cache_dir, "train.eval_every=0", "checkpoint.every_steps=1",
                                                         "strategy.backend=deepspeed", f"strategy.zero_stage={stage}",
-                                                        "launch.collective_timeout_s=600")]
-    proc = run_sft(args, env=env, timeout=300)
+                                                        "launch.collective_timeout_s=3600")]
+    proc = run_sft(args, env=env, timeout=900)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "saving checkpoint step-000001" in proc.stderr and "failed on rank 1 (rank 1: RuntimeError" in proc.stderr, proc.stderr[-3000:]
     assert "The previous checkpoint (none) and `latest` are unchanged" in proc.stderr and "Traceback" not in proc.stderr
@@ -51,25 +51,30 @@ def test_a_deepspeed_save_failing_on_one_rank_fails_every_rank_at_once(stage, tm
 
 def test_a_rank_that_hangs_fails_the_run_naming_it(tmp_path, cache_dir):
     # SIGSTOP rank 1 mid-training: rank 0 waits in its next all-reduce. The launcher's watch kills the
-    # silent rank after launch.collective_timeout_s (15 s) and names it; without it the agent would then
-    # wait its shutdown grace (signal_grace_s + 30 = 330 s, past this test's timeout) on a stopped process.
+    # silent rank after launch.collective_timeout_s (30 s) and names it; without it the agent would then
+    # wait its shutdown grace (signal_grace_s + 30 = 630 s, past this test's timeout) on a stopped process.
     run_dir = tmp_path / "run"
     args = ["run", QUICKSTART, "--nproc", "2", *_short(run_dir, cache_dir, "train.max_steps=100000", "train.eval_every=0",
-                                                        "launch.collective_timeout_s=15", "checkpoint.signal_grace_s=300")]
-    proc = subprocess.Popen([sys.executable, "-m", "launcher", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                                                        "launch.collective_timeout_s=30", "checkpoint.signal_grace_s=600")]
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    alive = {rank: run_dir / "logs" / f"rank-{rank}.alive" for rank in (0, 1)}
+    pids = {}
     try:
-        alive, metrics = run_dir / "logs" / "rank-1.alive", run_dir / "metrics.jsonl"
-        _wait_for(lambda: proc.poll() is not None or (alive.exists() and metrics.exists() and '"step"' in metrics.read_text()),
-                  what="training to start")
+        metrics = run_dir / "metrics.jsonl"
+        _wait_for(lambda: proc.poll() is not None or (all(a.exists() for a in alive.values()) and metrics.exists()
+                                                      and '"step"' in metrics.read_text()), what="training to start")
         assert proc.poll() is None, proc.communicate()
-        os.kill(int(alive.read_text().split()[1]), signal.SIGSTOP)
-        _, err = proc.communicate(timeout=120)
+        pids = {rank: int(a.read_text().split()[1]) for rank, a in alive.items()}
+        os.kill(pids[1], signal.SIGSTOP)
+        _, err = proc.communicate(timeout=300)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        proc.kill()
+        for pid in pids.values():  # the agent starts its workers in their own sessions: a failed test must not leave them
+            with contextlib.suppress(OSError):
+                if b"launcher.worker" in open(f"/proc/{pid}/cmdline", "rb").read():
+                    os.kill(pid, signal.SIGKILL)
     assert proc.returncode == 1, err[-3000:]
-    assert "error: rank 1 stopped responding" in err and "launch.collective_timeout_s=15" in err, err[-3000:]
+    assert "error: rank 1 stopped responding" in err and "launch.collective_timeout_s=30" in err, err[-3000:]
     assert "stopped (SIGSTOP, or a debugger)" in err
 
 

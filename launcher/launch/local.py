@@ -78,8 +78,9 @@ def _first_failure(failures: dict) -> tuple:
 
 
 def _failure_report(failures: dict, watch: heartbeat.Watch) -> int:
-    if watch.hung:  # the others failed because this one stopped answering
-        hung = watch.hung[min(watch.hung)]
+    hung = [watch.hung[f.pid] for f in failures.values() if f.pid in watch.hung]
+    if hung:  # the others failed because this one stopped answering
+        hung = hung[0]
         log = Path(watch.log_dir) / f"rank-{hung.rank}.log"
         print(f"error: {hung.describe(watch.timeout_s)} Last lines of {log}:\n{_tail(str(log))}", file=sys.stderr)
         return 1
