@@ -96,8 +96,10 @@ def test_user_optimizer_and_scheduler_blocks_are_refused(tmp_path, cache_dir):
     from launcher.errors import UserError
     from launcher.recipe import load_recipe
 
-    block = {"optimizer": "{optimizer: {type: AdamW, params: {lr: 0.1}}}", "scheduler": "{scheduler: {type: WarmupLR}}"}
-    for name, keys in (("optimizer", "train.lr, train.weight_decay"), ("scheduler", "train.lr_scheduler, train.warmup_steps")):
+    block = {"optimizer": "{optimizer: {type: AdamW, params: {lr: 0.1}}}", "scheduler": "{scheduler: {type: WarmupLR}}",
+             "checkpoint": "{checkpoint: {use_node_local_storage: true}}"}
+    for name, keys in (("optimizer", "train.lr, train.weight_decay"), ("scheduler", "train.lr_scheduler, train.warmup_steps"),
+                       ("checkpoint", "checkpoint.every_steps")):
         recipe = load_recipe(QUICKSTART, ["strategy.backend=deepspeed", f"strategy.deepspeed_config={block[name]}"])
         with pytest.raises(UserError, match=f"strategy.deepspeed_config has a `{name}` block") as e:
             make_config(recipe, world_size=2, accumulation=1, device_type="cpu")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict
@@ -37,6 +38,8 @@ _RECIPE_BLOCKS = (
      "train.lr, train.weight_decay, train.adam_beta1, train.adam_beta2 and train.adam_eps"),
     ("scheduler", "which DeepSpeed would step inside engine.step() on top of the launcher's LR schedule (two schedules setting one learning rate)",
      "train.lr_scheduler, train.warmup_steps (or train.warmup_ratio) and train.lr"),
+    ("checkpoint", "which would change how DeepSpeed writes its shards (node-local storage, decoupled or background writers) under the "
+     "launcher's own atomic commit, checksums and resume", "checkpoint.every_steps, checkpoint.every_minutes and checkpoint.keep_last"),
 )
 
 
@@ -186,7 +189,9 @@ def _failed_writes_held(model):
 
         return call
 
-    writers = [(model.checkpoint_engine, "save"), (model.checkpoint_engine, "makedirs"), (model, "_copy_recovery_script")]
+    # shutil.copytree: NVMe optimizer offload copies its swap files into the checkpoint (imported at call time).
+    writers = [(model.checkpoint_engine, "save"), (model.checkpoint_engine, "makedirs"), (model, "_copy_recovery_script"),
+               (shutil, "copytree")]
     shadowed = [(owner, name, vars(owner).get(name)) for owner, name in writers]
     for owner, name in writers:
         setattr(owner, name, held(getattr(owner, name)))
