@@ -29,6 +29,7 @@ import os
 import random
 import shutil
 import signal
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -108,8 +109,8 @@ def remove_partials(run_dir: Path) -> list:
     root = Path(run_dir) / "checkpoints"
     found = sorted(root.glob(".partial-*")) if root.is_dir() else []
     for leftover in found:
-        shutil.rmtree(leftover)
-    return found
+        shutil.rmtree(leftover, ignore_errors=True)  # one that cannot go yet (NFS: a file still open) is tried next time
+    return [p for p in found if not p.exists()]
 
 
 class SaveError(UserError):
@@ -209,7 +210,11 @@ def _commit(tmp: Path, root: Path, step: int, keep_last: int) -> None:
     os.replace(pointer, root / "latest")  # atomic: readers see the old or the new name, never half
     older = [p for p in complete_checkpoints(root) if step_of(p) < step]
     for p in older[: max(0, len(older) - (keep_last - 1))]:
-        _remove(p)
+        try:
+            _remove(p)
+        except OSError as e:  # the new checkpoint is committed: an old one that stays is no reason to stop
+            print(f"warning: checkpoint {final.name} is saved, but removing the older {p.name} failed ({e}); "
+                  "a later save tries again, or delete it by hand.", file=sys.stderr, flush=True)
 
 
 def _read_rng(ckpt: Path, rank: int) -> Optional[dict]:
