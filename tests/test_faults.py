@@ -85,17 +85,6 @@ def _wait_for(predicate, timeout=300, what="a condition"):
         time.sleep(0.05)
 
 
-def _held_before_commit(args, run_dir, step):
-    """`sft run ARGS` in the background, stopped (SIGSTOP) once every shard of `step` is written and nothing
-    is committed; the caller sends SIGCONT."""
-    proc = subprocess.Popen([sys.executable, "-m", "launcher", *args], cwd=REPO, env={**os.environ, "SFT_TEST_HOLD_BEFORE_COMMIT": str(step)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    held = run_dir / "checkpoints" / f".partial-step-{step:06d}" / "HELD_FOR_TEST"
-    _wait_for(lambda: held.exists() or proc.poll() is not None, what=f"the run to hold before its commit of step {step}")
-    assert proc.poll() is None, proc.communicate()
-    return proc
-
-
 @pytest.fixture(scope="module")
 def held_run(tmp_path_factory, cache_dir):
     """One 1-rank run of 2 steps, saving each step. While it holds at step 1 (shards written, not committed),
@@ -105,8 +94,12 @@ def held_run(tmp_path_factory, cache_dir):
 
     run_dir = tmp_path_factory.mktemp("held") / "run"
     args = ["run", QUICKSTART, *_short(run_dir, cache_dir, "train.eval_every=0", "checkpoint.every_steps=1")]
-    first = _held_before_commit(args, run_dir, 1)
+    first = subprocess.Popen([sys.executable, "-m", "launcher", *args], cwd=REPO, env={**os.environ, "SFT_TEST_HOLD_BEFORE_COMMIT": "1"},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
+        _wait_for(lambda: (run_dir / "checkpoints" / ".partial-step-000001" / "HELD_FOR_TEST").exists() or first.poll() is not None,
+                  what="the first run to hold before its commit")
+        assert first.poll() is None, first.communicate()
         before = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
         err = io.StringIO()
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
@@ -132,8 +125,12 @@ def test_an_old_checkpoint_that_cannot_be_removed_does_not_stop_the_run(tmp_path
     # for root; on NFS a file still open gives EBUSY the same way). The new checkpoint is committed anyway.
     run_dir = tmp_path / "run"
     args = ["run", QUICKSTART, *_short(run_dir, cache_dir, "train.eval_every=0", "checkpoint.every_steps=1", "checkpoint.keep_last=1")]
-    proc = _held_before_commit(args, run_dir, 2)
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", *args], cwd=REPO, env={**os.environ, "SFT_TEST_HOLD_BEFORE_COMMIT": "2"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
+        _wait_for(lambda: (run_dir / "checkpoints" / ".partial-step-000002" / "HELD_FOR_TEST").exists() or proc.poll() is not None,
+                  what="the run to hold before its second commit")
+        assert proc.poll() is None, proc.communicate()
         blocker = run_dir / "checkpoints" / ".partial-removing-step-000001"
         blocker.mkdir()
         (blocker / "still-open").write_text("")
